@@ -1,0 +1,125 @@
+"""Compose a run's config from the schema, a recipe and command-line style overrides.
+
+Recipes are YAML files in the top-level ``recipes/`` folder (shipped inside the wheel too).
+They are registered in Hydra's ConfigStore as the ``recipe`` group, so ``+recipe=grpo`` is an
+ordinary Hydra group override and everything else Hydra offers for overrides keeps working.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+from hydra import compose, initialize
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from rlflow.config.schema import RLFlowConfig
+from rlflow.errors import ConfigError
+from rlflow.utils.bundled import bundled_dir
+
+PRIMARY_CONFIG = "rlflow"
+
+
+def recipe_dir() -> Path:
+    return bundled_dir("recipes")
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in recipe_dir().glob("*.yaml"))
+
+
+def _register() -> None:
+    store = ConfigStore.instance()
+    store.store(name=PRIMARY_CONFIG, node=RLFlowConfig)
+    for name in available_recipes():
+        node = OmegaConf.load(recipe_dir() / f"{name}.yaml")
+        store.store(group="recipe", name=name, node=node, package="_global_")
+
+
+def _split_recipe(overrides: Sequence[str], recipe: Optional[str]) -> tuple[Optional[str], list[str]]:
+    """Pull the recipe choice out of the overrides so it can be checked before Hydra sees it."""
+    rest = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.lstrip("+") == "recipe":
+            recipe = value
+        else:
+            rest.append(item)
+    return recipe, rest
+
+
+def compose_config(recipe: Optional[str] = None, overrides: Iterable[str] = ()) -> DictConfig:
+    """Build the typed config for a run.
+
+    ``recipe`` is a name from ``recipes/`` (``overrides`` may also carry ``+recipe=NAME``);
+    ``overrides`` are Hydra overrides such as ``"rollout.n=8"``. Raises ConfigError with a
+    one-line message on an unknown recipe, unknown key or wrongly typed value.
+    """
+    recipe, rest = _split_recipe(list(overrides), recipe)
+    names = available_recipes()
+    if recipe is not None and recipe not in names:
+        raise ConfigError(
+            f"unknown recipe '{recipe}': available recipes are {', '.join(names)} "
+            f"(files in {recipe_dir()}); pick one with +recipe=NAME"
+        )
+    _register()
+    hydra_overrides = ([f"+recipe={recipe}"] if recipe else []) + rest
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize(version_base=None, config_path=None):
+            cfg = compose(config_name=PRIMARY_CONFIG, overrides=hydra_overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(_one_line(exc)) from exc
+    finally:
+        GlobalHydra.instance().clear()
+    # "+key=value" adds keys even in struct mode, so compare against the schema explicitly.
+    _reject_unknown_keys(cfg, RLFlowConfig, prefix="")
+    return cfg
+
+
+def _reject_unknown_keys(node: Any, schema: type, prefix: str) -> None:
+    declared = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        name = f"{prefix}{key}"
+        if key not in declared:
+            raise ConfigError(
+                f"unknown config key '{name}': check the spelling against "
+                f"`python -m rlflow.main --cfg` (the full config with defaults)"
+            )
+        field_type = _hints(schema)[key]
+        if dataclasses.is_dataclass(field_type):
+            _reject_unknown_keys(node[key], field_type, prefix=f"{name}.")
+
+
+def _hints(schema: type) -> dict[str, Any]:
+    return typing.get_type_hints(schema)
+
+
+def _one_line(exc: BaseException) -> str:
+    """Hydra and OmegaConf messages span several lines; keep the part that names the key."""
+    text = str(exc).strip()
+    cause = exc.__cause__
+    if cause is not None and isinstance(cause, OmegaConfBaseException):
+        text = str(cause).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    key_line = next((ln for ln in text.splitlines() if ln.strip().startswith("full_key:")), None)
+    if "not in struct" in text or "Key '" in first and "not in" in first:
+        key = key_line.split(":", 1)[1].strip() if key_line else first
+        return (
+            f"unknown config key '{key}': check the spelling against "
+            f"`python -m rlflow.main --cfg` (the full config with defaults)"
+        )
+    if key_line and key_line.split(":", 1)[1].strip() not in first:
+        first = f"{first} (config key '{key_line.split(':', 1)[1].strip()}')"
+    return first
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

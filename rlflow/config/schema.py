@@ -1,0 +1,170 @@
+"""Typed configuration schema.
+
+Every key a user can set lives here. The schema is registered as Hydra's primary config, so
+OmegaConf runs in struct mode and a misspelt key or a value of the wrong type is an error at
+composition time rather than a silently ignored setting hours into a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class ClusterConfig:
+    # None starts an embedded local Ray cluster; "auto" or "ray://host:10001" joins an existing one.
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    num_gpus: Optional[int] = None
+    include_dashboard: bool = False
+    # Loopback by default: the dashboard can submit jobs, so it must not face a network unasked.
+    dashboard_host: str = "127.0.0.1"
+    namespace: Optional[str] = None
+    # Extra environment variables for every worker process (merged into Ray's runtime_env).
+    env_vars: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    # A local HF model folder, or "demo:tiny-char-lm" (created on first use, no download).
+    path: str = "demo:tiny-char-lm"
+    tokenizer_path: Optional[str] = None
+    trust_remote_code: bool = False
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    train_files: List[str] = field(default_factory=lambda: ["demo:arithmetic/train.parquet"])
+    val_files: List[str] = field(default_factory=lambda: ["demo:arithmetic/test.parquet"])
+    prompt_key: str = "prompt"
+    max_prompt_length: int = 16
+    max_response_length: int = 4
+    # Prompts per step; the rollout turns each into rollout.n responses.
+    train_batch_size: int = 32
+    val_batch_size: Optional[int] = None
+    truncation: str = "error"
+    filter_overlong_prompts: bool = True
+    shuffle: bool = True
+    seed: int = 1
+    return_raw_chat: bool = False
+    apply_chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # 0 or a negative value turns top-k filtering off.
+    top_k: int = 0
+    do_sample: bool = True
+    # Validation decodes greedily unless told otherwise.
+    val_temperature: float = 0.0
+    num_workers: int = 1
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 0.0
+    torch_threads: int = 1
+    # Sequences per generate() call on one worker; None = the whole shard at once.
+    micro_batch_size: Optional[int] = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    lr_scheduler: str = "constant"
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ActorConfig:
+    num_workers: int = 2
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 0.0
+    torch_threads: int = 1
+    strategy: str = "fsdp2"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # Mini-batch size in prompts (each contributes rollout.n responses); one optimiser step each.
+    ppo_mini_batch_size: int = 32
+    ppo_micro_batch_size_per_worker: int = 64
+    ppo_epochs: int = 1
+    shuffle_mini_batches: bool = False
+    log_prob_micro_batch_size_per_worker: int = 128
+    policy_loss: str = "ppo_clip"
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    # Dual-clip bound for negative advantages (verl uses 3.0); None turns it off.
+    clip_ratio_c: Optional[float] = None
+    loss_agg_mode: str = "token-mean"
+    entropy_coeff: float = 0.0
+    use_kl_loss: bool = False
+    kl_loss_coef: float = 0.001
+    kl_loss_type: str = "k3"
+    # "auto": skip the extra forward pass when the update is exactly on-policy
+    # (one mini-batch, one epoch), where old log-probs equal the current ones.
+    recompute_old_log_prob: str = "auto"
+
+
+@dataclass
+class RefConfig:
+    num_workers: int = 1
+    cpus_per_worker: float = 0.25
+    gpus_per_worker: float = 0.0
+    torch_threads: int = 1
+    log_prob_micro_batch_size_per_worker: int = 128
+
+
+@dataclass
+class CustomFunctionConfig:
+    path: Optional[str] = None
+    name: str = "compute_score"
+
+
+@dataclass
+class RewardConfig:
+    num_workers: int = 1
+    cpus_per_worker: float = 0.25
+    custom_fn: CustomFunctionConfig = field(default_factory=CustomFunctionConfig)
+
+
+@dataclass
+class AlgorithmConfig:
+    adv_estimator: str = "grpo"
+    norm_adv_by_std_in_grpo: bool = True
+    gamma: float = 1.0
+    lam: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    project_name: str = "rlflow"
+    experiment_name: str = "grpo-demo"
+    # None: ./outputs/<experiment_name>/<timestamp> in the working directory of the launch.
+    output_dir: Optional[str] = None
+    total_steps: Optional[int] = None
+    total_epochs: int = 1
+    seed: int = 1
+    logger: List[str] = field(default_factory=lambda: ["console"])
+    progress_bar: bool = True
+
+
+@dataclass
+class RLFlowConfig:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -1,0 +1,811 @@
+"""BatchedDataDict: the one exchange type between the driver and every worker group.
+
+A ``BatchedDataDict`` maps names to per-sample data. Every value is either
+
+* a batch-first ``torch.Tensor`` (``shape[0] == size``, at least 1-D), or
+* a python ``list`` with one entry per sample (strings, dicts, ground truths ...).
+
+Method names and semantics follow NeMo-RL's type of the same name, so code written
+against it ports over: ``from_batches``, ``shard_by_batch_size`` (with dynamic
+batching and sequence packing), ``reorder_data``, ``get_batch``,
+``make_microbatch_iterator*``, ``chunk``, ``slice``, ``select_indices``,
+``repeat_interleave``, ``truncate_tensors``, ``to``, ``size``, ``all_gather``.
+
+Micro-batch plans made by ``shard_by_batch_size`` are stored as plain attributes on
+each shard, so they travel with it through pickling (Ray object store):
+
+* ``elem_counts_per_gb[g]``: samples of global batch ``g`` held by this shard; the
+  shard stores its global batches back to back in that order.
+* ``micro_batch_indices[g]``: ``[start, end)`` pairs, relative to the start of global
+  batch ``g`` inside this shard, one per micro-batch (packing: one per bin).
+* ``micro_batch_lengths[g]``: per micro-batch, the padded sequence length (dynamic
+  batching) or the packed token count of the bin (sequence packing).
+* ``sequence_key``: the input key whose dim-1 width identifies per-token tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import UserDict
+from copy import deepcopy
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypedDict, TypeVar
+
+import torch
+
+Self = TypeVar("Self", bound="BatchedDataDict")
+
+
+class DynamicBatchingArgs(TypedDict, total=False):
+    """Options for dynamic micro-batching in ``shard_by_batch_size``.
+
+    Required: ``max_tokens_per_microbatch`` (cap on ``count x padded length`` of a
+    micro-batch), ``input_key`` (the ``[B, T, ...]`` token tensor),
+    ``input_lengths_key`` (per-sample valid lengths, tensor or list).
+    Optional: ``sequence_length_round`` (default 1; every micro-batch length is a
+    multiple of it), ``micro_batch_order`` (``"ascending"`` (default) or
+    ``"descending"`` sample length; descending puts the largest micro-batch first,
+    which surfaces out-of-memory errors at the first step).
+    """
+
+    max_tokens_per_microbatch: int
+    input_key: str
+    input_lengths_key: str
+    sequence_length_round: int
+    micro_batch_order: str
+
+
+class SequencePackingArgs(TypedDict, total=False):
+    """Options for sequence packing in ``shard_by_batch_size``.
+
+    Required: ``max_tokens_per_microbatch`` (bin capacity in tokens), ``input_key``,
+    ``input_lengths_key``. Optional: ``algorithm`` (``"first_fit_decreasing"``
+    (default) or ``"best_fit_decreasing"``), ``sequence_length_pad_multiple``
+    (default 1; each sequence occupies its length rounded up to this multiple, e.g.
+    ``2 * context_parallel`` for CP/TP alignment), ``micro_batch_order``
+    (``"ascending"`` (default) or ``"descending"`` packed bin size).
+    """
+
+    max_tokens_per_microbatch: int
+    input_key: str
+    input_lengths_key: str
+    algorithm: str
+    sequence_length_pad_multiple: int
+    micro_batch_order: str
+
+
+_MICRO_BATCH_ORDERS = ("ascending", "descending")
+
+
+# ----------------------------------------------------------------------------------
+# small value helpers
+# ----------------------------------------------------------------------------------
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _batch_len(key: str, value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 0:
+            raise TypeError(
+                f"value for key {key!r} is a 0-d tensor; BatchedDataDict tensors must be "
+                "batch-first (shape [B, ...])"
+            )
+        return value.shape[0]
+    if isinstance(value, list):
+        return len(value)
+    raise TypeError(
+        f"value for key {key!r} has type {type(value).__name__}; BatchedDataDict values "
+        "must be batch-first torch tensors or lists with one entry per sample"
+    )
+
+
+def _take(key: str, value: Any, indices: list[int]) -> Any:
+    """Rows ``indices`` of one value (a new tensor / list; list entries are shared)."""
+    _batch_len(key, value)
+    if isinstance(value, torch.Tensor):
+        return value[torch.tensor(indices, dtype=torch.long, device=value.device)]
+    return [value[i] for i in indices]
+
+
+def _fit_dim(tensor: torch.Tensor, dim: int, length: int, pad_value: float) -> torch.Tensor:
+    """Narrow or right-pad ``tensor`` along ``dim`` to exactly ``length``."""
+    current = tensor.shape[dim]
+    if current >= length:
+        return tensor.narrow(dim, 0, length)
+    shape = list(tensor.shape)
+    shape[dim] = length
+    # new_full + copy works for every dtype (F.pad rejects bool tensors).
+    out = tensor.new_full(shape, pad_value)
+    out.narrow(dim, 0, current).copy_(tensor)
+    return out
+
+
+def _lengths_as_ints(key: str, lengths: Any) -> list[int]:
+    if isinstance(lengths, torch.Tensor):
+        if lengths.ndim != 1 or lengths.is_floating_point() or lengths.is_complex():
+            raise TypeError(f"{key!r} must hold one integer length per sample (1-D int tensor or list)")
+        return [int(x) for x in lengths.tolist()]
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in lengths):
+        raise TypeError(f"{key!r} must hold one integer length per sample (1-D int tensor or list)")
+    return list(lengths)
+
+
+# ----------------------------------------------------------------------------------
+# bin packing (sequence packing)
+# ----------------------------------------------------------------------------------
+
+
+def _decreasing_order(lengths: Sequence[int]) -> list[int]:
+    # ties broken by index so plans are deterministic across ranks and runs
+    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+
+
+def _pack_first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Longest first, each into the first bin with room; at most 11/9 OPT + 1 bins."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in _decreasing_order(lengths):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return bins
+
+
+def _pack_best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Longest first, each into the fullest bin that still fits it (tighter bins)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in _decreasing_order(lengths):
+        best = -1
+        for b, free in enumerate(room):
+            if lengths[i] <= free and (best < 0 or free < room[best]):
+                best = b
+        if best < 0:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            bins[best].append(i)
+            room[best] -= lengths[i]
+    return bins
+
+
+_PACKERS: dict[str, Callable[[Sequence[int], int], list[list[int]]]] = {
+    "first_fit_decreasing": _pack_first_fit_decreasing,
+    "best_fit_decreasing": _pack_best_fit_decreasing,
+}
+
+
+def _split_bins_to_multiple(bins: list[list[int]], lengths: Sequence[int], multiple: int) -> list[list[int]]:
+    """Add bins until their count is a positive multiple of ``multiple``.
+
+    Each step splits the bin with the most sequences (then most tokens) into two
+    halves of similar token load; a split never exceeds the capacity. Only when every
+    bin holds a single sequence (fewer sequences than bins needed) is an empty bin
+    appended.
+    """
+    bins = [list(b) for b in bins]
+    target = max(1, math.ceil(len(bins) / multiple)) * multiple
+    while len(bins) < target:
+        load = [sum(lengths[i] for i in b) for b in bins]
+        candidates = [b for b in range(len(bins)) if len(bins[b]) >= 2]
+        if not candidates:
+            bins.append([])
+            continue
+        pick = max(candidates, key=lambda b: (len(bins[b]), load[b], -b))
+        halves: list[list[int]] = [[], []]
+        half_load = [0, 0]
+        for i in sorted(bins[pick], key=lambda i: (-lengths[i], i)):
+            h = 0 if half_load[0] <= half_load[1] else 1
+            halves[h].append(i)
+            half_load[h] += lengths[i]
+        bins[pick] = sorted(halves[0])
+        bins.append(sorted(halves[1]))
+    return bins
+
+
+def _deal_bins_to_shards(loads: Sequence[int], shards: int) -> list[list[int]]:
+    """Give each shard ``len(loads) / shards`` bins while balancing token load.
+
+    Heaviest bin first, each to the lightest shard that still has a free slot.
+    """
+    per_shard = len(loads) // shards
+    owned: list[list[int]] = [[] for _ in range(shards)]
+    total = [0] * shards
+    for b in sorted(range(len(loads)), key=lambda b: (-loads[b], b)):
+        open_shards = [s for s in range(shards) if len(owned[s]) < per_shard]
+        s = min(open_shards, key=lambda s: (total[s], s))
+        owned[s].append(b)
+        total[s] += loads[b]
+    return owned
+
+
+# ----------------------------------------------------------------------------------
+# dynamic micro-batching
+# ----------------------------------------------------------------------------------
+
+
+def _greedy_microbatches(padded: Sequence[int], cap: int) -> list[list[int]]:
+    """Split consecutive samples into ``[start, end)`` runs with ``count * max <= cap``."""
+    ranges: list[list[int]] = []
+    run_max = 0
+    for i, length in enumerate(padded):
+        if ranges and (ranges[-1][1] - ranges[-1][0] + 1) * max(run_max, length) <= cap:
+            ranges[-1][1] += 1
+            run_max = max(run_max, length)
+        else:
+            ranges.append([i, i + 1])
+            run_max = length
+    return ranges
+
+
+def _split_microbatches_to(ranges: list[list[int]], padded: Sequence[int], count: int) -> list[list[int]]:
+    """Split runs (heaviest first) until there are ``count``; pad with empty runs.
+
+    Halving a run never raises its ``count * max`` product, so the cap still holds.
+    Empty runs (``start == end``) only appear when the shard has fewer samples than
+    ``count`` (uneven shards).
+    """
+    ranges = [list(r) for r in ranges]
+
+    def tokens(r: list[int]) -> int:
+        return (r[1] - r[0]) * max(padded[r[0] : r[1]], default=0)
+
+    while len(ranges) < count:
+        splittable = [k for k, r in enumerate(ranges) if r[1] - r[0] >= 2]
+        if not splittable:
+            end = ranges[-1][1] if ranges else 0
+            ranges.append([end, end])
+            continue
+        k = max(splittable, key=lambda k: (tokens(ranges[k]), -k))
+        start, end = ranges[k]
+        mid = (start + end) // 2
+        ranges[k : k + 1] = [[start, mid], [mid, end]]
+    return ranges
+
+
+def _validated_args(
+    name: str, args: Mapping[str, Any], required: tuple[str, ...], defaults: Mapping[str, Any]
+) -> dict[str, Any]:
+    if not isinstance(args, Mapping):
+        raise TypeError(f"{name} must be a dict, got {type(args).__name__}")
+    unknown = sorted(set(args) - set(required) - set(defaults))
+    if unknown:
+        raise ValueError(f"{name} has unknown keys {unknown}; allowed: {sorted([*required, *defaults])}")
+    missing = [k for k in required if k not in args]
+    if missing:
+        raise ValueError(f"{name} is missing required keys {missing}")
+    out = {**defaults, **args}
+    if out["micro_batch_order"] not in _MICRO_BATCH_ORDERS:
+        raise ValueError(
+            f"{name}['micro_batch_order'] is {out['micro_batch_order']!r}; "
+            f"choose one of {list(_MICRO_BATCH_ORDERS)}"
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# the exchange type
+# ----------------------------------------------------------------------------------
+
+
+class BatchedDataDict(UserDict):
+    """A dict of batch-first tensors and per-sample lists (see the module docstring).
+
+    It pickles with its micro-batch plan, so it can be passed through Ray as is.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.micro_batch_indices: list[list[list[int]]] | None = None
+        self.micro_batch_lengths: list[list[int]] | None = None
+        self.elem_counts_per_gb: list[int] | None = None
+        self.sequence_key: str | None = None
+
+    # -- construction ---------------------------------------------------------------
+
+    @classmethod
+    def from_batches(
+        cls: type[Self],
+        batches: Sequence[Mapping[str, Any]],
+        pad_value_dict: Mapping[str, int | float] | None = None,
+    ) -> Self:
+        """Concatenate ``batches`` along the batch dimension.
+
+        1-D tensors and lists are concatenated. Tensors with 2+ dims are right-padded
+        along dim 1 to the longest in the list (pad value ``pad_value_dict[key]``,
+        default 0) and then concatenated; dims after 1 must match. Every batch must
+        have the same keys, and a key must have the same kind (list or tensor of the
+        same rank) in every batch.
+        """
+        if isinstance(batches, Mapping) or not isinstance(batches, Sequence):
+            raise TypeError("batches must be a list of dicts (one per batch)")
+        if len(batches) == 0:
+            raise ValueError("batches is empty; pass at least one batch to from_batches")
+        pad_value_dict = dict(pad_value_dict or {})
+        keys = list(batches[0].keys())
+        for b, batch in enumerate(batches):
+            if not isinstance(batch, Mapping):
+                raise TypeError(f"batches[{b}] is a {type(batch).__name__}, expected a dict")
+            if set(batch.keys()) != set(keys):
+                missing = sorted(set(keys) - set(batch.keys()))
+                extra = sorted(set(batch.keys()) - set(keys))
+                raise ValueError(
+                    f"batches[{b}] keys differ from batches[0]: missing {missing}, extra {extra}; "
+                    "all batches must have the same keys"
+                )
+        out = cls()
+        for key in keys:
+            values = [batch[key] for batch in batches]
+            for v in values:
+                _batch_len(key, v)
+            if all(isinstance(v, list) for v in values):
+                out[key] = [item for v in values for item in v]
+            elif all(isinstance(v, torch.Tensor) for v in values):
+                ranks = {v.ndim for v in values}
+                if len(ranks) != 1:
+                    raise ValueError(f"key {key!r} has tensors of different ranks {sorted(ranks)} across batches")
+                if values[0].ndim == 1:
+                    out[key] = torch.cat(values)
+                    continue
+                trailing = {tuple(v.shape[2:]) for v in values}
+                if len(trailing) != 1:
+                    raise ValueError(
+                        f"key {key!r} has tensors whose dims after dim 1 differ across batches: {sorted(trailing)}"
+                    )
+                width = max(v.shape[1] for v in values)
+                pad = pad_value_dict.get(key, 0)
+                out[key] = torch.cat([_fit_dim(v, 1, width, pad) for v in values])
+            else:
+                kinds = sorted({type(v).__name__ for v in values})
+                raise TypeError(f"key {key!r} mixes value types {kinds} across batches; use all tensors or all lists")
+        return out
+
+    # -- inspection -----------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Batch size shared by every value (0 for an empty dict)."""
+        sizes = {key: _batch_len(key, value) for key, value in self.data.items()}
+        if len(set(sizes.values())) > 1:
+            listing = ", ".join(f"{k}={n}" for k, n in sizes.items())
+            raise ValueError(f"values disagree on batch size ({listing}); every value needs the same leading size")
+        return next(iter(sizes.values()), 0)
+
+    def get_dict(self) -> dict[str, Any]:
+        """The underlying plain dict (not a copy; edits show through)."""
+        return self.data
+
+    # -- row selection --------------------------------------------------------------
+
+    def _rows(self, indices: list[int]) -> BatchedDataDict:
+        out = type(self)()
+        for key, value in self.data.items():
+            out[key] = _take(key, value, indices)
+        return out
+
+    def slice(self, start: int, end: int) -> SlicedDataDict:
+        """Rows ``[start, end)``; requires ``0 <= start <= end <= size``. Tensors are views."""
+        size = self.size
+        if not (0 <= start <= end <= size):
+            raise ValueError(f"slice({start}, {end}) is out of range for batch size {size}; need 0 <= start <= end <= size")
+        out = SlicedDataDict()
+        for key, value in self.data.items():
+            out[key] = value[start:end]
+        return out
+
+    def select_indices(self, indices: Sequence[int] | torch.Tensor) -> BatchedDataDict:
+        """Rows at ``indices`` (any order, repeats allowed), as the same class."""
+        if isinstance(indices, torch.Tensor):
+            if indices.ndim != 1 or indices.is_floating_point() or indices.dtype == torch.bool:
+                raise TypeError("indices must be a 1-D integer tensor or a list of ints")
+            index_list = [int(i) for i in indices.tolist()]
+        else:
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+                raise TypeError("indices must be a 1-D integer tensor or a list of ints")
+            index_list = list(indices)
+        size = self.size
+        bad = [i for i in index_list if not 0 <= i < size]
+        if bad:
+            raise ValueError(f"indices {bad[:5]} are out of range for batch size {size}")
+        return self._rows(index_list)
+
+    def chunk(self, rank: int, chunks: int) -> SlicedDataDict:
+        """The ``rank``-th of ``chunks`` equal contiguous parts; ``chunks`` must divide size."""
+        _check_positive_int("chunks", chunks)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < chunks:
+            raise ValueError(f"rank must be an int in [0, {chunks}), got {rank!r}")
+        size = self.size
+        if size % chunks:
+            raise ValueError(f"batch size {size} is not divisible by chunks={chunks}")
+        step = size // chunks
+        return self.slice(rank * step, (rank + 1) * step)
+
+    def get_batch(self, batch_idx: int, batch_size: int | None = None) -> SlicedDataDict:
+        """Global batch ``batch_idx`` of this shard, with its micro-batch plan.
+
+        Boundaries come from ``elem_counts_per_gb`` when the shard was made by
+        ``shard_by_batch_size``; otherwise ``batch_size`` rows per global batch.
+        """
+        counts = self.elem_counts_per_gb
+        if counts is not None:
+            if not 0 <= batch_idx < len(counts):
+                raise ValueError(f"batch_idx {batch_idx} is out of range; this shard holds {len(counts)} global batches")
+            if batch_size is not None and batch_size != counts[batch_idx]:
+                raise ValueError(
+                    f"batch_size={batch_size} disagrees with the shard's plan ({counts[batch_idx]} samples "
+                    f"in global batch {batch_idx}); pass batch_size=None"
+                )
+            start = sum(counts[:batch_idx])
+            end = start + counts[batch_idx]
+        else:
+            if batch_size is None:
+                raise ValueError("batch_size is required: this dict has no per-global-batch plan")
+            _check_positive_int("batch_size", batch_size)
+            start, end = batch_idx * batch_size, (batch_idx + 1) * batch_size
+            if batch_idx < 0 or end > self.size:
+                raise ValueError(f"global batch {batch_idx} of size {batch_size} exceeds batch size {self.size}")
+        out = self.slice(start, end)
+        out.elem_counts_per_gb = [end - start]
+        out.sequence_key = self.sequence_key
+        if self.micro_batch_indices is not None and self.micro_batch_lengths is not None:
+            out.micro_batch_indices = [deepcopy(self.micro_batch_indices[batch_idx])]
+            out.micro_batch_lengths = [list(self.micro_batch_lengths[batch_idx])]
+        return out
+
+    # -- transforms -----------------------------------------------------------------
+
+    def repeat_interleave(self, num_repeats: int) -> BatchedDataDict:
+        """Each sample repeated ``num_repeats`` times consecutively: [a, b] -> [a, a, b, b].
+
+        List entries are deep-copied so repeats can be mutated independently.
+        """
+        _check_positive_int("num_repeats", num_repeats)
+        out = type(self)()
+        for key, value in self.data.items():
+            _batch_len(key, value)
+            if isinstance(value, torch.Tensor):
+                out[key] = value.repeat_interleave(num_repeats, dim=0)
+            else:
+                out[key] = [deepcopy(item) for item in value for _ in range(num_repeats)]
+        return out
+
+    def truncate_tensors(self, dim: int, truncated_len: int) -> BatchedDataDict:
+        """In place: tensors longer than ``truncated_len`` along ``dim`` are narrowed to it.
+
+        Tensors with ``ndim <= dim`` or already short enough are left alone. Returns self.
+        """
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be an int >= 1 (use slice() for the batch dim), got {dim!r}")
+        if isinstance(truncated_len, bool) or not isinstance(truncated_len, int) or truncated_len < 0:
+            raise ValueError(f"truncated_len must be an int >= 0, got {truncated_len!r}")
+        for key, value in self.data.items():
+            if isinstance(value, torch.Tensor) and value.ndim > dim and value.shape[dim] > truncated_len:
+                self.data[key] = value.narrow(dim, 0, truncated_len)
+        return self
+
+    def to(self, device: str | torch.device) -> BatchedDataDict:
+        """In place: move every tensor to ``device``. Returns self."""
+        for key, value in self.data.items():
+            if isinstance(value, torch.Tensor):
+                self.data[key] = value.to(device)
+        return self
+
+    def reorder_data(self, reorded_indices: Sequence[int] | torch.Tensor) -> BatchedDataDict:
+        """In place: undo the permutation returned by ``shard_by_batch_size``.
+
+        ``reorded_indices[p]`` is the original position of row ``p`` of this dict
+        (the shards' results concatenated in rank order); afterwards row ``i`` is the
+        original sample ``i``. The micro-batch plan no longer applies and is cleared.
+        Returns self.
+        """
+        order = (
+            [int(i) for i in reorded_indices.tolist()]
+            if isinstance(reorded_indices, torch.Tensor)
+            else list(reorded_indices)
+        )
+        size = self.size
+        if sorted(order) != list(range(size)):
+            raise ValueError(
+                f"reorded_indices must be a permutation of range({size}) (the indices returned by "
+                "shard_by_batch_size for this batch)"
+            )
+        inverse = [0] * size
+        for position, original in enumerate(order):
+            inverse[original] = position
+        for key, value in list(self.data.items()):
+            self.data[key] = _take(key, value, inverse)
+        self.micro_batch_indices = self.micro_batch_lengths = self.elem_counts_per_gb = None
+        return self
+
+    # -- micro-batch iteration ------------------------------------------------------
+
+    def make_microbatch_iterator(self, microbatch_size: int) -> Iterator[SlicedDataDict]:
+        """Consecutive slices of ``microbatch_size`` rows; it must divide the size."""
+        _check_positive_int("microbatch_size", microbatch_size)
+        size = self.size
+        if size % microbatch_size:
+            raise ValueError(f"batch size {size} is not divisible by microbatch_size={microbatch_size}")
+        for start in range(0, size, microbatch_size):
+            yield self.slice(start, start + microbatch_size)
+
+    def _planned_ranges(self, kind: str) -> Iterator[tuple[int, int, int]]:
+        if self.micro_batch_indices is None or self.micro_batch_lengths is None or self.elem_counts_per_gb is None:
+            raise ValueError(
+                f"no micro-batch plan: call shard_by_batch_size(..., {kind}=...) and iterate over one of its shards"
+            )
+        offset = 0
+        for ranges, lengths, count in zip(self.micro_batch_indices, self.micro_batch_lengths, self.elem_counts_per_gb):
+            for (start, end), length in zip(ranges, lengths):
+                yield offset + start, offset + end, length
+            offset += count
+
+    def make_microbatch_iterator_with_dynamic_shapes(
+        self, sequence_dim: int = 1, pad_value_dict: Mapping[str, int | float] | None = None
+    ) -> Iterator[SlicedDataDict]:
+        """Yield the planned dynamic micro-batches, over all global batches in order.
+
+        Per-token tensors (those whose size along ``sequence_dim`` equals the width
+        of ``sequence_key``) are narrowed, or right-padded with
+        ``pad_value_dict[key]`` (default 0), to the micro-batch's rounded length.
+        A shard with fewer samples than micro-batches (uneven shards only) yields
+        empty micro-batches so every rank runs the same number of steps.
+        """
+        pad_value_dict = dict(pad_value_dict or {})
+        key = self.sequence_key
+        ranges = list(self._planned_ranges("dynamic_batching_args"))
+        if key is None or key not in self.data:
+            raise ValueError(f"sequence_key {key!r} is not in this dict; it must keep the input key used for sharding")
+        width = self.data[key].shape[sequence_dim]
+        for start, end, length in ranges:
+            mb = self.slice(start, end)
+            for k, value in mb.data.items():
+                if isinstance(value, torch.Tensor) and value.ndim > sequence_dim and value.shape[sequence_dim] == width:
+                    mb.data[k] = _fit_dim(value, sequence_dim, length, pad_value_dict.get(k, 0))
+            yield mb
+
+    def get_microbatch_iterator_dynamic_shapes_len(self) -> int:
+        """Number of micro-batches ``make_microbatch_iterator_with_dynamic_shapes`` yields."""
+        return sum(1 for _ in self._planned_ranges("dynamic_batching_args"))
+
+    def make_microbatch_iterator_for_packable_sequences(self) -> Iterator[SlicedDataDict]:
+        """Yield one slice per packing bin (global batches in order); the caller packs each into one row.
+
+        An empty bin (only with uneven shards) yields a 0-row slice: the rank must
+        still run a step (e.g. on a dummy token) so collectives line up.
+        """
+        for start, end, _ in self._planned_ranges("sequence_packing_args"):
+            yield self.slice(start, end)
+
+    def get_microbatch_iterator_for_packable_sequences_len(self) -> tuple[int, int]:
+        """(number of bins, largest packed token count among them)."""
+        lengths = [length for _, _, length in self._planned_ranges("sequence_packing_args")]
+        return len(lengths), max(lengths, default=0)
+
+    # -- sharding -------------------------------------------------------------------
+
+    def shard_by_batch_size(
+        self,
+        shards: int,
+        batch_size: int | None = None,
+        allow_uneven_shards: bool = False,
+        dynamic_batching_args: DynamicBatchingArgs | None = None,
+        sequence_packing_args: SequencePackingArgs | None = None,
+    ) -> list[SlicedDataDict] | tuple[list[SlicedDataDict], list[int]]:
+        """Split into ``shards`` parts so that each global batch is spread over all shards.
+
+        The batch is cut into consecutive global batches of ``batch_size`` (default:
+        the whole batch); each global batch is split into ``shards`` parts and shard
+        ``s`` holds its part of every global batch, in global-batch order. Example:
+        8 samples, ``batch_size=4``, ``shards=2`` -> shard 0 = [0, 1, 4, 5],
+        shard 1 = [2, 3, 6, 7]. ``batch_size`` must divide the size and ``shards``
+        must divide ``batch_size``; with ``allow_uneven_shards`` (``batch_size`` must
+        then be None) the parts are ``ceil(size / shards)`` long and the last ones
+        are shorter or empty.
+
+        Dynamic batching: within each global batch, samples are sorted by length and
+        dealt round-robin to shards (similar lengths per shard); each shard cuts its
+        samples into micro-batches with ``count x rounded max length <=
+        max_tokens_per_microbatch`` and the heaviest ones are halved until every
+        shard has the same number (FSDP collectives must line up).
+
+        Sequence packing: within each global batch, sequences (lengths rounded up to
+        ``sequence_length_pad_multiple``) are bin-packed under the cap; bins are
+        split until their count is a multiple of ``shards`` and dealt so every shard
+        gets the same number of bins with balanced tokens. Empty bins appear only
+        when there are fewer sequences than needed bins (uneven shards).
+
+        Returns the list of shards; with dynamic batching or packing returns
+        ``(shards, indices)`` where ``indices[p]`` is the original position of row
+        ``p`` of the shards concatenated in rank order (pass it to
+        ``reorder_data``).
+        """
+        _check_positive_int("shards", shards)
+        if dynamic_batching_args is not None and sequence_packing_args is not None:
+            raise ValueError("pass dynamic_batching_args or sequence_packing_args, not both")
+        if allow_uneven_shards and batch_size is not None:
+            raise ValueError("batch_size must be None when allow_uneven_shards=True")
+        total = self.size
+        if batch_size is None:
+            batch_size = total
+        else:
+            _check_positive_int("batch_size", batch_size)
+            if total % batch_size:
+                raise ValueError(f"batch size {total} is not divisible by batch_size={batch_size}")
+        if not allow_uneven_shards and batch_size % shards:
+            raise ValueError(
+                f"batch_size {batch_size} is not divisible by shards={shards}; "
+                "change one of them or pass allow_uneven_shards=True (with batch_size=None)"
+            )
+        num_gb = total // batch_size if batch_size else 0
+
+        if dynamic_batching_args is not None:
+            args = _validated_args(
+                "dynamic_batching_args",
+                dynamic_batching_args,
+                ("max_tokens_per_microbatch", "input_key", "input_lengths_key"),
+                {"sequence_length_round": 1, "micro_batch_order": "ascending"},
+            )
+            _check_positive_int("dynamic_batching_args['sequence_length_round']", args["sequence_length_round"])
+            plan = self._plan_dynamic(shards, batch_size, num_gb, args)
+            sequence_key = args["input_key"]
+        elif sequence_packing_args is not None:
+            args = _validated_args(
+                "sequence_packing_args",
+                sequence_packing_args,
+                ("max_tokens_per_microbatch", "input_key", "input_lengths_key"),
+                {"algorithm": "first_fit_decreasing", "sequence_length_pad_multiple": 1, "micro_batch_order": "ascending"},
+            )
+            if args["algorithm"] not in _PACKERS:
+                raise ValueError(
+                    f"sequence_packing_args['algorithm'] is {args['algorithm']!r}; choose one of {sorted(_PACKERS)}"
+                )
+            _check_positive_int(
+                "sequence_packing_args['sequence_length_pad_multiple']", args["sequence_length_pad_multiple"]
+            )
+            plan = self._plan_packing(shards, batch_size, num_gb, args)
+            sequence_key = args["input_key"]
+        else:
+            part = math.ceil(batch_size / shards) if batch_size else 0
+            plan = []
+            for g in range(num_gb):
+                gb_start, gb_end = g * batch_size, (g + 1) * batch_size
+                per_shard = []
+                for s in range(shards):
+                    lo = min(gb_start + s * part, gb_end)
+                    hi = min(gb_start + (s + 1) * part, gb_end)
+                    per_shard.append((list(range(lo, hi)), None, None))
+                plan.append(per_shard)
+            sequence_key = None
+        planned = sequence_key is not None
+
+        result: list[SlicedDataDict] = []
+        for s in range(shards):
+            rows = [i for gb in plan for i in gb[s][0]]
+            shard = SlicedDataDict(self._rows(rows).data)
+            shard.elem_counts_per_gb = [len(gb[s][0]) for gb in plan]
+            if planned:
+                shard.sequence_key = sequence_key
+                shard.micro_batch_indices = [gb[s][1] for gb in plan]
+                shard.micro_batch_lengths = [gb[s][2] for gb in plan]
+            result.append(shard)
+        if not planned:
+            return result
+        order = [i for s in range(shards) for gb in plan for i in gb[s][0]]
+        return result, order
+
+    def _sharding_lengths(self, name: str, args: Mapping[str, Any]) -> list[int]:
+        """Validated per-sample lengths for the sharding plans."""
+        _check_positive_int(f"{name}['max_tokens_per_microbatch']", args["max_tokens_per_microbatch"])
+        for field in ("input_key", "input_lengths_key"):
+            if args[field] not in self.data:
+                raise ValueError(f"{name}[{field!r}] is {args[field]!r}, which is not a key of this batch")
+        inputs = self.data[args["input_key"]]
+        if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2:
+            raise ValueError(f"{name}['input_key'] {args['input_key']!r} must name a [B, T, ...] tensor")
+        lengths = _lengths_as_ints(args["input_lengths_key"], self.data[args["input_lengths_key"]])
+        width = inputs.shape[1]
+        bad = [n for n in lengths if not 0 <= n <= width]
+        if bad:
+            raise ValueError(f"{args['input_lengths_key']!r} has lengths {bad[:5]} outside [0, {width}] (the width of {args['input_key']!r})")
+        return lengths
+
+    def _plan_dynamic(self, shards: int, batch_size: int, num_gb: int, args: Mapping[str, Any]) -> list[list[tuple]]:
+        lengths = self._sharding_lengths("dynamic_batching_args", args)
+        cap, step = args["max_tokens_per_microbatch"], args["sequence_length_round"]
+        sign = 1 if args["micro_batch_order"] == "ascending" else -1
+        # every sample occupies at least one rounded slot, so a micro-batch never has width 0
+        padded = [_round_up(max(n, 1), step) for n in lengths]
+        too_long = [p for p in padded if p > cap]
+        if too_long:
+            raise ValueError(
+                f"a sample's rounded length {max(too_long)} exceeds dynamic_batching_args['max_tokens_per_microbatch']"
+                f"={cap}; raise the cap or shorten sequences"
+            )
+        plan = []
+        for g in range(num_gb):
+            members = range(g * batch_size, (g + 1) * batch_size)
+            ordered = sorted(members, key=lambda i: (sign * lengths[i], i))
+            dealt = [ordered[s::shards] for s in range(shards)]
+            runs = [_greedy_microbatches([padded[i] for i in rows], cap) for rows in dealt]
+            count = max(len(r) for r in runs)
+            per_shard = []
+            for rows, shard_runs in zip(dealt, runs):
+                shard_padded = [padded[i] for i in rows]
+                shard_runs = _split_microbatches_to(shard_runs, shard_padded, count)
+                run_lengths = [max(shard_padded[a:b], default=0) for a, b in shard_runs]
+                per_shard.append((rows, shard_runs, run_lengths))
+            plan.append(per_shard)
+        return plan
+
+    def _plan_packing(self, shards: int, batch_size: int, num_gb: int, args: Mapping[str, Any]) -> list[list[tuple]]:
+        lengths = self._sharding_lengths("sequence_packing_args", args)
+        cap, multiple = args["max_tokens_per_microbatch"], args["sequence_length_pad_multiple"]
+        packer = _PACKERS[args["algorithm"]]
+        descending = args["micro_batch_order"] == "descending"
+        padded = [_round_up(max(n, 1), multiple) for n in lengths]
+        too_long = [p for p in padded if p > cap]
+        if too_long:
+            raise ValueError(
+                f"a sequence's padded length {max(too_long)} exceeds sequence_packing_args['max_tokens_per_microbatch']"
+                f"={cap}; raise the cap or shorten sequences"
+            )
+        plan = []
+        for g in range(num_gb):
+            base = g * batch_size
+            local = padded[base : base + batch_size]
+            bins = _split_bins_to_multiple(packer(local, cap), local, shards)
+            loads = [sum(local[i] for i in b) for b in bins]
+            per_shard = []
+            for owned in _deal_bins_to_shards(loads, shards):
+                owned = sorted(owned, key=lambda b: (-loads[b] if descending else loads[b], b))
+                rows: list[int] = []
+                ranges: list[list[int]] = []
+                for b in owned:
+                    ranges.append([len(rows), len(rows) + len(bins[b])])
+                    rows.extend(base + i for i in sorted(bins[b]))
+                per_shard.append((rows, ranges, [loads[b] for b in owned]))
+            plan.append(per_shard)
+        return plan
+
+    # -- collectives ----------------------------------------------------------------
+
+    def all_gather(
+        self, group: Any = None, pad_value_dict: Mapping[str, int | float] | None = None
+    ) -> BatchedDataDict:
+        """Gather this dict from every rank of ``group`` (default: the world).
+
+        Uses ``all_gather_object`` (works with gloo and NCCL); tensors travel on CPU
+        and come back on this rank's device for that key. Ranks may hold different
+        batch sizes and widths; the result is ``from_batches`` over ranks in rank
+        order (so dim-1 widths are right-padded as there).
+        """
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("all_gather needs an initialized torch.distributed process group (init_process_group)")
+        _ = self.size  # fail early, before the collective, on a malformed dict
+        local = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in self.data.items()}
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, local, group=group)
+        out = type(self).from_batches(gathered, pad_value_dict)
+        for key, value in self.data.items():
+            if isinstance(value, torch.Tensor):
+                out[key] = out[key].to(value.device)
+        return out
+
+
+class SlicedDataDict(BatchedDataDict):
+    """A ``BatchedDataDict`` that is a slice or shard of a larger batch (a type marker)."""

@@ -1,0 +1,293 @@
+"""Offline demo assets: a tiny character-level LM and a synthetic arithmetic dataset.
+
+``python -m rlflow.main +recipe=grpo`` must run with no download, so the default config points
+at ``demo:`` paths that are built locally on first use and cached::
+
+    demo:tiny-char-lm                 -> HF model folder (config, safetensors, tokenizer)
+    demo:arithmetic                   -> folder with train.parquet and test.parquet
+    demo:arithmetic/train.parquet     -> 2048 rows of "a+b=" prompts
+    demo:arithmetic/test.parquet      -> 256 rows
+
+Cache layout: ``<cache_root()>/demo/v<DEMO_VERSION>/<name>-<fingerprint>``. The fingerprint is
+a hash of every constant that shapes the asset (vocabulary, chat template, model sizes, seeds,
+dataset sizes), so tuning a constant below produces a fresh folder instead of silently reusing
+a stale one. Bump ``DEMO_VERSION`` when the *code* that builds an asset changes.
+
+Creation is atomic: an asset is built in a temporary folder next to its target and renamed into
+place. Several Ray workers may resolve the same path at once; the first rename wins and the
+others discard their copy and use the winner's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+DEMO_VERSION = "1"
+DEMO_PREFIX = "demo:"
+
+# ---- tokenizer -----------------------------------------------------------------------------
+PAD_TOKEN = "<pad>"
+UNK_TOKEN = "<unk>"
+EOS_TOKEN = "<|end|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, *ROLE_TOKENS, EOS_TOKEN)
+# Deliberately tiny: an untrained policy samples the right digit with probability ~1/len(vocab),
+# which has to be large enough for RL to find any reward at all.
+CHARACTERS = "0123456789+-*=() ."
+# Each message renders as "<|role|>content<|end|>"; the generation prompt opens the assistant
+# turn. Unknown roles are rejected because they would tokenize into <unk> characters.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unsupported role ' + message['role'] + '; use system, user or assistant') }}"
+    "{% endif %}"
+    "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+# ---- model (LlamaForCausalLM, random init) -------------------------------------------------
+MODEL_SEED = 0
+HIDDEN_SIZE = 64
+INTERMEDIATE_SIZE = 256
+NUM_HIDDEN_LAYERS = 2
+NUM_ATTENTION_HEADS = 4
+NUM_KEY_VALUE_HEADS = 4
+MAX_POSITION_EMBEDDINGS = 128
+TIE_WORD_EMBEDDINGS = True
+INITIALIZER_RANGE = 0.02
+
+# ---- arithmetic data -----------------------------------------------------------------------
+DATA_SEED = 0
+TRAIN_SIZE = 2048
+TEST_SIZE = 256
+MAX_OPERAND = 4
+OPS = ("+",)
+
+MODEL_NAME = "tiny-char-lm"
+DATA_NAME = "arithmetic"
+DATA_FILES = ("train.parquet", "test.parquet")
+
+
+class DemoAssetError(ValueError):
+    """An unknown ``demo:`` name, or a demo asset that cannot be created."""
+
+
+def cache_root() -> Path:
+    """Root of rlflow's cache: ``$RLFLOW_CACHE`` if set (and non-empty), else ``~/.cache/rlflow``."""
+    env = os.environ.get("RLFLOW_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "rlflow"
+
+
+def _fingerprint(spec: dict) -> str:
+    payload = json.dumps(spec, sort_keys=True).encode()
+    return hashlib.sha256(payload).hexdigest()[:10]
+
+
+def _model_spec() -> dict:
+    return {
+        "special_tokens": list(SPECIAL_TOKENS),
+        "characters": CHARACTERS,
+        "chat_template": CHAT_TEMPLATE,
+        "seed": MODEL_SEED,
+        "hidden_size": HIDDEN_SIZE,
+        "intermediate_size": INTERMEDIATE_SIZE,
+        "num_hidden_layers": NUM_HIDDEN_LAYERS,
+        "num_attention_heads": NUM_ATTENTION_HEADS,
+        "num_key_value_heads": NUM_KEY_VALUE_HEADS,
+        "max_position_embeddings": MAX_POSITION_EMBEDDINGS,
+        "tie_word_embeddings": TIE_WORD_EMBEDDINGS,
+        "initializer_range": INITIALIZER_RANGE,
+    }
+
+
+def _data_spec() -> dict:
+    return {
+        "seed": DATA_SEED,
+        "train_size": TRAIN_SIZE,
+        "test_size": TEST_SIZE,
+        "max_operand": MAX_OPERAND,
+        "ops": list(OPS),
+    }
+
+
+def _demo_dir() -> Path:
+    return cache_root() / "demo" / f"v{DEMO_VERSION}"
+
+
+def _build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
+    """Return ``target``, building it with ``build(tmp_dir)`` first if it does not exist.
+
+    Only complete folders are ever renamed to ``target``, so its existence means it is usable.
+    """
+    if target.is_dir():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:
+        raise DemoAssetError(
+            f"cannot create the demo cache folder {target.parent} ({exc.strerror or exc}); "
+            "set RLFLOW_CACHE to a writable folder"
+        ) from exc
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process renamed its copy first (rename onto a non-empty folder fails on
+            # POSIX); theirs is complete, so use it. Anything else is a real error.
+            if not target.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def build_demo_tokenizer():
+    """Build the character-level tokenizer (a ``PreTrainedTokenizerFast``) in memory.
+
+    Ids: the special tokens first (``<pad>`` = 0), then one id per character of ``CHARACTERS``.
+    Characters outside the vocabulary map to ``<unk>``. Decoding concatenates tokens with no
+    separator, so ``decode(encode(text)) == text`` for in-vocabulary text.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *CHARACTERS))}
+    if len(vocab) != len(SPECIAL_TOKENS) + len(CHARACTERS):
+        raise DemoAssetError("demo CHARACTERS must not repeat a character or a special token")
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    # One pre-token per character (whitespace included), so WordLevel sees single characters.
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    # The default WordLevel decoding joins tokens with spaces; Fuse concatenates them.
+    backend.decoder = decoders.Fuse()
+    # Registering them as special makes "<|user|>" in rendered chat text one token, not 8 chars.
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        eos_token=EOS_TOKEN,
+        additional_special_tokens=list(ROLE_TOKENS),
+        model_max_length=MAX_POSITION_EMBEDDINGS,
+        padding_side="left",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    _check_round_trip(tokenizer)
+    return tokenizer
+
+
+def _check_round_trip(tokenizer) -> None:
+    # Guards against a tokenizers/transformers upgrade changing pre-tokenization or decoding.
+    sample = CHARACTERS + CHARACTERS[::-1]
+    ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
+    decoded = tokenizer.decode(ids)
+    if len(ids) != len(sample) or decoded != sample:
+        raise DemoAssetError(
+            f"demo tokenizer does not round-trip: {sample!r} -> {len(ids)} ids -> {decoded!r}"
+        )
+
+
+def build_demo_model(tokenizer):
+    """Build the randomly initialised ``LlamaForCausalLM`` (float32, seeded by ``MODEL_SEED``)."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN_SIZE,
+        intermediate_size=INTERMEDIATE_SIZE,
+        num_hidden_layers=NUM_HIDDEN_LAYERS,
+        num_attention_heads=NUM_ATTENTION_HEADS,
+        num_key_value_heads=NUM_KEY_VALUE_HEADS,
+        max_position_embeddings=MAX_POSITION_EMBEDDINGS,
+        initializer_range=INITIALIZER_RANGE,
+        tie_word_embeddings=TIE_WORD_EMBEDDINGS,
+        # The vocabulary has no dedicated BOS token; like GPT-2, the end token doubles as BOS.
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+    # fork_rng keeps the caller's global torch RNG stream untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(MODEL_SEED)
+        model = LlamaForCausalLM(config).to(torch.float32)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return model
+
+
+def _write_model(folder: Path) -> None:
+    tokenizer = build_demo_tokenizer()
+    model = build_demo_model(tokenizer)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def ensure_demo_model() -> str:
+    """Return the path of the demo model folder, creating it on first use."""
+    target = _demo_dir() / f"{MODEL_NAME}-{_fingerprint(_model_spec())}"
+    return str(_build_atomically(target, _write_model))
+
+
+def _write_data(folder: Path) -> None:
+    from rlflow.utils.bundled import import_data_preprocess
+
+    arithmetic = import_data_preprocess("arithmetic")
+    arithmetic.write_splits(
+        folder,
+        train_size=TRAIN_SIZE,
+        test_size=TEST_SIZE,
+        seed=DATA_SEED,
+        max_operand=MAX_OPERAND,
+        ops=OPS,
+    )
+
+
+def ensure_demo_data() -> dict[str, str]:
+    """Return ``{"train": path, "test": path}`` of the demo parquet files, creating them first."""
+    target = _demo_dir() / f"{DATA_NAME}-{_fingerprint(_data_spec())}"
+    folder = _build_atomically(target, _write_data)
+    return {split: str(folder / f"{split}.parquet") for split in ("train", "test")}
+
+
+def _valid_names() -> list[str]:
+    return [MODEL_NAME, DATA_NAME, *(f"{DATA_NAME}/{f}" for f in DATA_FILES)]
+
+
+def resolve_demo_path(path: str) -> str:
+    """Map a ``demo:`` path to a real local path (building the asset if needed).
+
+    Any other path is returned unchanged. Unknown demo names raise ``DemoAssetError``.
+    """
+    if not isinstance(path, str):
+        if isinstance(path, os.PathLike):
+            return path
+        raise TypeError(f"resolve_demo_path(path={path!r}): expected a str path, got {type(path).__name__}")
+    if not path.startswith(DEMO_PREFIX):
+        return path
+    name = path[len(DEMO_PREFIX):].strip("/")
+    if name == MODEL_NAME:
+        return ensure_demo_model()
+    if name == DATA_NAME:
+        return str(Path(ensure_demo_data()["train"]).parent)
+    if name.startswith(f"{DATA_NAME}/") and name[len(DATA_NAME) + 1:] in DATA_FILES:
+        split = name[len(DATA_NAME) + 1:].removesuffix(".parquet")
+        return ensure_demo_data()[split]
+    valid = ", ".join(DEMO_PREFIX + n for n in _valid_names())
+    raise DemoAssetError(f"unknown demo path {path!r}; valid demo paths are: {valid}")

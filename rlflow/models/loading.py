@@ -1,0 +1,60 @@
+"""Load tokenizers and causal LMs the same way for every role.
+
+Demo paths ("demo:...") are turned into real folders first, so the demo model goes through the
+same ``from_pretrained`` code path as any user model.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from rlflow.demo.assets import resolve_demo_path
+from rlflow.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(path: str) -> str:
+    resolved = resolve_demo_path(path)
+    if not os.path.isdir(resolved):
+        raise ConfigError(
+            f"model.path '{path}' is not a folder: point model.path at a local Hugging Face model "
+            f"folder (config.json + safetensors), or use demo:tiny-char-lm"
+        )
+    return resolved
+
+
+def load_tokenizer(model_cfg: Any) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(model_cfg.tokenizer_path or model_cfg.path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(
+                f"tokenizer at '{path}' has neither a pad token nor an eos token: "
+                f"add a pad_token to its tokenizer_config.json"
+            )
+        # Common for base models; padding is always masked out, so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"model.dtype '{name}' is not supported: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_causal_lm(model_cfg: Any, device: torch.device | str = "cpu") -> torch.nn.Module:
+    path = resolve_model_path(model_cfg.path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=torch_dtype(model_cfg.dtype),
+        trust_remote_code=model_cfg.trust_remote_code,
+        attn_implementation=model_cfg.attn_implementation,
+        use_safetensors=True,
+    )
+    return model.to(device)

@@ -1,0 +1,75 @@
+"""Metrics sinks: one flat JSON object per step in metrics.jsonl, and a console line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+
+class PhaseTimer:
+    """Collects ``timing/<phase>_s`` for one step."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[f"timing/{name}_s"] = self.timings.get(f"timing/{name}_s", 0.0) + time.perf_counter() - start
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item"):
+        return _jsonable(value.item())
+    return value
+
+
+class MetricsLog:
+    """Appends each step's metrics to ``<output_dir>/metrics.jsonl`` (flushed every step, so a
+    killed run keeps every finished step) and keeps them in memory for the Python API."""
+
+    CONSOLE_KEYS = (
+        ("reward/mean", "reward"),
+        ("val/reward/mean", "val_reward"),
+        ("actor/pg_loss", "pg_loss"),
+        ("actor/entropy", "entropy"),
+        ("actor/kl", "kl"),
+        ("response_length/mean", "resp_len"),
+        ("timing/step_s", "step_s"),
+    )
+
+    def __init__(self, output_dir: str) -> None:
+        os.makedirs(output_dir, exist_ok=True)
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.history: list[dict[str, Any]] = []
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        row = {k: _jsonable(v) for k, v in metrics.items()}
+        self.history.append(row)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    @classmethod
+    def console_line(cls, metrics: dict[str, Any]) -> str:
+        parts = [f"step {metrics.get('step')}"]
+        for key, short in cls.CONSOLE_KEYS:
+            if key in metrics and metrics[key] is not None:
+                parts.append(f"{short} {metrics[key]:.4g}")
+        return " | ".join(parts)
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """Read a metrics.jsonl file (or the folder holding one)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,342 @@
+"""Tensor helpers shared by data loading, workers and losses.
+
+Conventions used throughout:
+
+* Token tensors are batch-first: ``(B, L)`` for ids / masks, ``(B, T, V)`` for logits.
+* Masks are 0/1 tensors (any dtype); a position counts as valid when ``mask != 0``.
+* Masked reductions ignore whatever is stored at invalid positions, even ``nan``/``inf``,
+  because padded positions of log-probs or values are routinely garbage.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "TRUNCATION_MODES",
+    "postprocess_data",
+    "compute_position_ids",
+    "logprobs_from_logits",
+    "entropy_from_logits",
+    "masked_sum",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "get_response_mask",
+    "pad_2d_list_to_tensor",
+]
+
+TRUNCATION_MODES = ("left", "right", "middle", "error")
+
+# Rows of logits processed at once when a low-precision input has to be upcast to float32;
+# bounds the temporary float32 copy to roughly this many rows x vocab.
+_LOGIT_CHUNK_ROWS = 1024
+
+
+# --------------------------------------------------------------------------------------
+# Padding and truncation
+# --------------------------------------------------------------------------------------
+
+
+def postprocess_data(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_length: int,
+    pad_token_id: int,
+    left_pad: bool = True,
+    truncation: str = "error",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad or truncate token rows to exactly ``max_length`` columns.
+
+    Args:
+        input_ids: ``(B, L)`` or ``(L,)`` integer tensor.
+        attention_mask: same shape as ``input_ids``.
+        max_length: target number of columns (> 0).
+        pad_token_id: id written into padded positions (their mask is 0).
+        left_pad: pad on the left (prompts, so generation continues at the right edge)
+            or on the right.
+        truncation: what to do when ``L > max_length``: ``"left"`` keeps the last
+            ``max_length`` tokens, ``"right"`` keeps the first ``max_length``,
+            ``"middle"`` keeps the first ``ceil(max_length / 2)`` and the last
+            ``floor(max_length / 2)``, ``"error"`` raises ``ValueError``.
+
+    Returns:
+        ``(input_ids, attention_mask)`` with ``L == max_length`` and the input rank.
+    """
+    if truncation not in TRUNCATION_MODES:
+        raise ValueError(
+            f"truncation={truncation!r} is not supported; use one of {list(TRUNCATION_MODES)}"
+        )
+    if not isinstance(input_ids, torch.Tensor) or not isinstance(attention_mask, torch.Tensor):
+        raise TypeError("postprocess_data: input_ids and attention_mask must be torch.Tensor")
+    if input_ids.shape != attention_mask.shape:
+        raise ValueError(
+            f"postprocess_data: input_ids shape {tuple(input_ids.shape)} != attention_mask "
+            f"shape {tuple(attention_mask.shape)}; they must match"
+        )
+    if input_ids.dim() not in (1, 2):
+        raise ValueError(
+            f"postprocess_data: input_ids must be 1-D (L,) or 2-D (B, L), got {input_ids.dim()}-D"
+        )
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
+        raise ValueError(f"postprocess_data: max_length must be a positive int, got {max_length!r}")
+
+    squeeze = input_ids.dim() == 1
+    if squeeze:
+        input_ids = input_ids.unsqueeze(0)
+        attention_mask = attention_mask.unsqueeze(0)
+
+    length = input_ids.shape[-1]
+    if length < max_length:
+        pad = max_length - length
+        id_pad = input_ids.new_full((input_ids.shape[0], pad), pad_token_id)
+        mask_pad = attention_mask.new_zeros((attention_mask.shape[0], pad))
+        if left_pad:
+            input_ids = torch.cat([id_pad, input_ids], dim=-1)
+            attention_mask = torch.cat([mask_pad, attention_mask], dim=-1)
+        else:
+            input_ids = torch.cat([input_ids, id_pad], dim=-1)
+            attention_mask = torch.cat([attention_mask, mask_pad], dim=-1)
+    elif length > max_length:
+        if truncation == "error":
+            raise ValueError(
+                f"sequence length {length} exceeds max_length {max_length}; raise "
+                f"data.max_prompt_length or set data.truncation to left, right or middle"
+            )
+        if truncation == "left":
+            input_ids = input_ids[:, -max_length:]
+            attention_mask = attention_mask[:, -max_length:]
+        elif truncation == "right":
+            input_ids = input_ids[:, :max_length]
+            attention_mask = attention_mask[:, :max_length]
+        else:  # middle
+            head = math.ceil(max_length / 2)
+            tail = max_length - head
+            keep = torch.cat(
+                [torch.arange(head), torch.arange(length - tail, length)]
+            ).to(input_ids.device)
+            input_ids = input_ids.index_select(-1, keep)
+            attention_mask = attention_mask.index_select(-1, keep)
+
+    if squeeze:
+        return input_ids.squeeze(0), attention_mask.squeeze(0)
+    return input_ids, attention_mask
+
+
+def compute_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids ``cumsum(mask) - 1`` clipped at 0 along the last dim.
+
+    Left padding therefore gets position 0 and the first real token also gets 0; the
+    result has ``attention_mask``'s shape and dtype ``long``.
+    """
+    return torch.clamp(torch.cumsum(attention_mask.long(), dim=-1) - 1, min=0)
+
+
+def pad_2d_list_to_tensor(
+    rows: Sequence[Sequence[int] | torch.Tensor],
+    pad_value: int | float,
+    left_pad: bool = False,
+    max_length: int | None = None,
+    dtype: torch.dtype = torch.long,
+) -> torch.Tensor:
+    """Stack ragged rows into a ``(len(rows), width)`` tensor filled with ``pad_value``.
+
+    ``width`` is ``max_length`` when given (a longer row raises ``ValueError``), otherwise
+    the longest row. Rows are aligned right when ``left_pad`` (padding on the left).
+    """
+    lengths = [len(r) for r in rows]
+    longest = max(lengths, default=0)
+    if max_length is None:
+        width = longest
+    else:
+        if longest > max_length:
+            raise ValueError(
+                f"pad_2d_list_to_tensor: a row has length {longest} > max_length {max_length}; "
+                f"truncate the rows first or raise max_length"
+            )
+        width = max_length
+    out = torch.full((len(rows), width), pad_value, dtype=dtype)
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        if n == 0:
+            continue
+        values = torch.as_tensor(row, dtype=dtype)
+        if left_pad:
+            out[i, width - n :] = values
+        else:
+            out[i, :n] = values
+    return out
+
+
+def get_response_mask(
+    response_ids: torch.Tensor,
+    eos_token_id: int | Sequence[int],
+    pad_token_id: int | None = None,
+    dtype: torch.dtype = torch.long,
+) -> torch.Tensor:
+    """Mask of generated tokens: 1 up to and including the first EOS, 0 after it.
+
+    Rows without any EOS (truncated generations) keep every token, except a trailing
+    run of ``pad_token_id`` (when given and not itself an EOS id), which is padding.
+
+    Args:
+        response_ids: ``(B, T)`` integer tensor.
+        eos_token_id: one id or a list of ids that end a response.
+    Returns:
+        ``(B, T)`` tensor of ``dtype``.
+    """
+    if response_ids.dim() != 2:
+        raise ValueError(
+            f"get_response_mask: response_ids must be 2-D (B, T), got {response_ids.dim()}-D"
+        )
+    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not eos_ids:
+        raise ValueError("get_response_mask: eos_token_id must name at least one token id")
+    eos_tensor = torch.as_tensor(eos_ids, device=response_ids.device)
+    is_eos = torch.isin(response_ids, eos_tensor).long()
+    # Number of EOS tokens strictly before each position; 0 means "still inside".
+    eos_before = torch.cumsum(is_eos, dim=-1) - is_eos
+    mask = eos_before == 0
+    if pad_token_id is not None and pad_token_id not in eos_ids:
+        is_pad = (response_ids == pad_token_id).long()
+        # A position is trailing padding iff it and everything to its right is pad.
+        trailing_pad = torch.flip(torch.cumprod(torch.flip(is_pad, [-1]), dim=-1), [-1]).bool()
+        mask = mask & ~trailing_pad
+    return mask.to(dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Log-probs and entropy
+# --------------------------------------------------------------------------------------
+
+
+def _chunk_rows(flat: torch.Tensor) -> int:
+    """Rows per chunk: all at once for float32/64, bounded for upcast low precision."""
+    if flat.dtype in (torch.float32, torch.float64):
+        return max(flat.shape[0], 1)
+    return _LOGIT_CHUNK_ROWS
+
+
+def _upcast(chunk: torch.Tensor) -> torch.Tensor:
+    return chunk if chunk.dtype == torch.float64 else chunk.float()
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probability of ``labels`` under ``softmax(logits)``.
+
+    Computed as ``logits[label] - logsumexp(logits)`` in float32 (float64 stays float64),
+    so no full ``(B, T, V)`` log-softmax copy is materialised; low-precision logits are
+    upcast a chunk of rows at a time.
+
+    Args:
+        logits: ``(..., V)`` floating tensor, e.g. ``(B, T, V)``.
+        labels: ``(...)`` integer tensor, e.g. ``(B, T)``.
+    Returns:
+        ``(...)`` float32 (or float64) tensor.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logprobs_from_logits: logits shape {tuple(logits.shape)} does not match labels "
+            f"shape {tuple(labels.shape)}; expected logits == labels.shape + (vocab,)"
+        )
+    vocab = logits.shape[-1]
+    flat_logits = logits.reshape(-1, vocab)
+    flat_labels = labels.reshape(-1, 1).long()
+    step = _chunk_rows(flat_logits)
+    out = []
+    for chunk, lab in zip(torch.split(flat_logits, step), torch.split(flat_labels, step)):
+        work = _upcast(chunk)
+        picked = torch.gather(work, -1, lab).squeeze(-1)
+        out.append(picked - torch.logsumexp(work, dim=-1))
+    return torch.cat(out).reshape(labels.shape)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` over the last dim, in float32 (float64 stays).
+
+    Uses ``H = logsumexp(z) - sum(softmax(z) * z)``. Shape ``(..., V) -> (...)``.
+    """
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    out = []
+    for chunk in torch.split(flat, _chunk_rows(flat)):
+        work = _upcast(chunk)
+        probs = torch.softmax(work, dim=-1)
+        out.append(torch.logsumexp(work, dim=-1) - (probs * work).sum(dim=-1))
+    return torch.cat(out).reshape(logits.shape[:-1])
+
+
+# --------------------------------------------------------------------------------------
+# Masked statistics
+# --------------------------------------------------------------------------------------
+
+
+def _check_mask(x: torch.Tensor, mask: torch.Tensor, fn: str) -> None:
+    if x.shape != mask.shape:
+        raise ValueError(
+            f"{fn}: x shape {tuple(x.shape)} != mask shape {tuple(mask.shape)}; they must match"
+        )
+
+
+def _zero_invalid(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x * mask`` where invalid positions become exactly 0 even if ``x`` is nan/inf."""
+    return torch.where(mask != 0, x * mask.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def masked_sum(
+    x: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """Sum of ``x * mask`` over ``dim`` (all dims when ``None``)."""
+    _check_mask(x, mask, "masked_sum")
+    weighted = _zero_invalid(x, mask)
+    return weighted.sum() if dim is None else weighted.sum(dim=dim)
+
+
+def masked_mean(
+    x: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """Mean of ``x`` over valid positions: ``sum(x * mask) / sum(mask)``.
+
+    A reduction with no valid positions gives 0 rather than ``nan``.
+    """
+    _check_mask(x, mask, "masked_mean")
+    total = masked_sum(x, mask, dim)
+    count = mask.to(total.dtype).sum() if dim is None else mask.to(total.dtype).sum(dim=dim)
+    return torch.where(count > 0, total / count.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``x`` over all valid positions (a scalar).
+
+    ``unbiased`` applies Bessel's correction ``n / (n - 1)`` with ``n = sum(mask)``; with
+    fewer than two valid positions the variance is 0 (there is no spread to measure).
+    """
+    _check_mask(x, mask, "masked_var")
+    x = x if x.is_floating_point() else x.float()
+    mean = masked_mean(x, mask)
+    centered = torch.where(mask != 0, x - mean, torch.zeros((), dtype=x.dtype, device=x.device))
+    var = masked_mean(centered.pow(2), mask)
+    if unbiased:
+        n = mask.to(var.dtype).sum()
+        var = torch.where(n > 1, var * n / (n - 1).clamp_min(1.0), torch.zeros_like(var))
+    return var
+
+
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """Normalise ``x`` to unit variance using statistics of the valid positions only.
+
+    Returns ``(x - mean) / sqrt(var + eps)`` (``var`` unbiased), with the mean added back
+    when ``shift_mean`` is False. Invalid positions are set to 0.
+    """
+    _check_mask(x, mask, "masked_whiten")
+    x = x if x.is_floating_point() else x.float()
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=True)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask != 0, whitened, torch.zeros((), dtype=x.dtype, device=x.device))

@@ -1,0 +1,77 @@
+"""Rule-based reward worker: decode each response and score it by its ``data_source``.
+
+The score goes on the last valid response token (``token_level_scores``), the layout every
+advantage estimator expects. A scorer may return a float or a dict with ``score`` plus extra
+values, which come back as per-sample lists and are logged as ``reward/<name>``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Callable
+
+import torch
+from omegaconf import OmegaConf
+
+from rlflow.data.batched_data_dict import BatchedDataDict
+from rlflow.errors import ConfigError
+from rlflow.models.loading import load_tokenizer
+from rlflow.rewards.registry import default_compute_score
+from rlflow.workers.base import Worker
+
+ScoreFn = Callable[..., Any]
+
+
+def load_custom_function(path: str, name: str) -> ScoreFn:
+    """Import ``name`` from the Python file at ``path`` (only from a path the user configured)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"reward.custom_fn.path '{path}' is not a file: give the path of a .py file")
+    spec = importlib.util.spec_from_file_location(f"rlflow_custom_reward_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, name):
+        raise ConfigError(f"reward.custom_fn.name '{name}' is not defined in {path}")
+    return getattr(module, name)
+
+
+class RewardWorker(Worker):
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        self.cfg = OmegaConf.create(config)
+        self.tokenizer = load_tokenizer(self.cfg.model)
+        custom = self.cfg.reward.custom_fn
+        self.score_fn: ScoreFn = (
+            load_custom_function(custom.path, custom.name) if custom.path else default_compute_score
+        )
+
+    def compute_reward(self, batch: BatchedDataDict) -> BatchedDataDict:
+        responses = batch["responses"]
+        mask = batch["response_mask"]
+        lengths = mask.sum(dim=1)
+        texts = self.tokenizer.batch_decode(
+            [row[: int(n)].tolist() for row, n in zip(responses, lengths)], skip_special_tokens=True
+        )
+        scores = torch.zeros(batch.size, dtype=torch.float32)
+        extras: dict[str, list[float]] = {}
+        for i, text in enumerate(texts):
+            result = self.score_fn(
+                data_source=batch["data_source"][i],
+                solution_str=text,
+                ground_truth=batch["reward_model"][i]["ground_truth"],
+                extra_info=batch["extra_info"][i],
+            )
+            if isinstance(result, dict):
+                scores[i] = float(result["score"])
+                for key, value in result.items():
+                    if key != "score":
+                        extras.setdefault(key, [0.0] * batch.size)[i] = float(value)
+            else:
+                scores[i] = float(result)
+        token_level = torch.zeros(responses.shape, dtype=torch.float32)
+        last = (lengths - 1).clamp(min=0)
+        token_level[torch.arange(batch.size), last] = scores * (lengths > 0).float()
+        out = BatchedDataDict({"token_level_scores": token_level, "scores": scores})
+        for key, values in extras.items():
+            out[f"reward_extra/{key}"] = torch.tensor(values)
+        return out

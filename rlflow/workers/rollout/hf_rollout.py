@@ -1,0 +1,115 @@
+"""Rollout worker on Hugging Face ``generate`` (KV cache on), for CPU runs and small models.
+
+The driver repeats each prompt ``rollout.n`` times before sharding, so a worker generates one
+response per row. Responses are right-padded to ``data.max_response_length``; the mask covers
+tokens up to and including the first EOS, which is what the trainer and the reward expect
+whatever the backend.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import ray
+import torch
+from omegaconf import OmegaConf
+from transformers import GenerationConfig
+
+from rlflow.data.batched_data_dict import BatchedDataDict
+from rlflow.models.loading import load_causal_lm, load_tokenizer
+from rlflow.utils.torch_functional import compute_position_ids, get_response_mask
+from rlflow.workers.base import Worker
+
+
+class HFRolloutWorker(Worker):
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        self.cfg = OmegaConf.create(config)
+        torch.set_num_threads(max(1, int(self.cfg.rollout.torch_threads)))
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.tokenizer = load_tokenizer(self.cfg.model)
+        self.model = load_causal_lm(self.cfg.model, device=self.device)
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.weight_version = 0
+        eos = self.tokenizer.eos_token_id
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids = {eos} | (set(gen_eos) if isinstance(gen_eos, list) else {gen_eos})
+        self.eos_token_ids = sorted(i for i in ids if i is not None)
+        self.pad_token_id = self.tokenizer.pad_token_id
+
+    def generation_config(self, temperature: float, do_sample: bool) -> GenerationConfig:
+        rcfg = self.cfg.rollout
+        sample = do_sample and temperature > 0
+        kwargs = dict(
+            max_new_tokens=int(self.cfg.data.max_response_length),
+            do_sample=sample,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+        )
+        if sample:
+            kwargs.update(temperature=float(temperature), top_p=float(rcfg.top_p), top_k=int(rcfg.top_k) if rcfg.top_k > 0 else None)
+        return GenerationConfig(**kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        batch: BatchedDataDict,
+        seed: int,
+        temperature: Optional[float] = None,
+        do_sample: Optional[bool] = None,
+        expected_weight_version: Optional[int] = None,
+    ) -> BatchedDataDict:
+        """Generate one response per row of left-padded ``input_ids`` / ``attention_mask``."""
+        if expected_weight_version is not None and expected_weight_version != self.weight_version:
+            raise RuntimeError(
+                f"rollout worker {self.rank} holds weights version {self.weight_version} but the "
+                f"trainer expects version {expected_weight_version}: a weight sync was missed"
+            )
+        rcfg = self.cfg.rollout
+        temperature = float(rcfg.temperature if temperature is None else temperature)
+        do_sample = bool(rcfg.do_sample if do_sample is None else do_sample)
+        gen_cfg = self.generation_config(temperature, do_sample)
+        # Seeded per call and per rank so a run (and a resumed run) samples the same tokens.
+        torch.manual_seed(int(seed) * 1009 + self.rank)
+
+        max_len = int(self.cfg.data.max_response_length)
+        chunk = int(rcfg.micro_batch_size or batch.size)
+        outputs = []
+        for mb in batch.make_microbatch_iterator(max(1, min(chunk, batch.size))):
+            prompts = mb["input_ids"].to(self.device)
+            prompt_mask = mb["attention_mask"].to(self.device)
+            out = self.model.generate(input_ids=prompts, attention_mask=prompt_mask, generation_config=gen_cfg)
+            responses = out[:, prompts.shape[1]:]
+            if responses.shape[1] < max_len:
+                pad = responses.new_full((responses.shape[0], max_len - responses.shape[1]), self.pad_token_id)
+                responses = torch.cat([responses, pad], dim=1)
+            response_mask = get_response_mask(responses, self.eos_token_ids, self.pad_token_id)
+            # Anything after the first EOS is not part of the answer; make it padding.
+            responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, self.pad_token_id))
+            attention_mask = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=1)
+            outputs.append(BatchedDataDict({
+                "prompts": prompts.cpu(),
+                "responses": responses.cpu(),
+                "response_mask": response_mask.to(torch.long).cpu(),
+                "input_ids": torch.cat([prompts, responses], dim=1).cpu(),
+                "attention_mask": attention_mask.cpu(),
+                "position_ids": compute_position_ids(attention_mask).cpu(),
+            }))
+        result = BatchedDataDict.from_batches(outputs)
+        result["weight_version"] = [self.weight_version] * result.size
+        return result
+
+    def update_weights(self, state_ref: list, version: int) -> int:
+        """Load the actor's full state dict (passed as ``[ObjectRef]``) and record its version."""
+        state = ray.get(state_ref[0])
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        tied = set(getattr(self.model, "_tied_weights_keys", None) or [])
+        missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"weight sync mismatch: missing {missing[:5]}, unexpected {list(unexpected)[:5]}"
+            )
+        self.weight_version = int(version)
+        return self.weight_version
