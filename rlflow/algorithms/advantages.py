@@ -45,7 +45,9 @@ AdvantageFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 # --------------------------------------------------------------------------------------
 
 
-def _check_inputs(name: str, token_level_rewards: torch.Tensor, response_mask: torch.Tensor) -> None:
+def _check_inputs(
+    name: str, token_level_rewards: torch.Tensor, response_mask: torch.Tensor
+) -> None:
     if token_level_rewards.dim() != 2:
         raise ValueError(
             f"{name}: token_level_rewards must be 2-D (B, T), got shape "
@@ -58,7 +60,9 @@ def _check_inputs(name: str, token_level_rewards: torch.Tensor, response_mask: t
         )
 
 
-def _group_ids(name: str, group_index: Sequence[Hashable] | torch.Tensor | None, batch: int) -> torch.Tensor:
+def _group_ids(
+    name: str, group_index: Sequence[Hashable] | torch.Tensor | None, batch: int
+) -> torch.Tensor:
     """Map arbitrary hashable group labels to dense ``long`` ids ``0..G-1``."""
     if group_index is None:
         raise ValueError(
@@ -89,7 +93,11 @@ def _broadcast(scores: torch.Tensor, response_mask: torch.Tensor) -> torch.Tenso
 
 
 def _sequence_scores(token_level_rewards: torch.Tensor) -> torch.Tensor:
-    rewards = token_level_rewards if token_level_rewards.is_floating_point() else token_level_rewards.float()
+    rewards = (
+        token_level_rewards
+        if token_level_rewards.is_floating_point()
+        else token_level_rewards.float()
+    )
     return rewards.sum(dim=-1)
 
 
@@ -163,7 +171,11 @@ def _discounted_returns(
 ) -> torch.Tensor:
     """Returns-to-go over valid tokens: ``G_t = r_t + gamma * G_next`` where ``next`` is
     the next valid position of the row; masked positions are skipped and get 0."""
-    rewards = token_level_rewards if token_level_rewards.is_floating_point() else token_level_rewards.float()
+    rewards = (
+        token_level_rewards
+        if token_level_rewards.is_floating_point()
+        else token_level_rewards.float()
+    )
     valid = response_mask != 0
     returns = torch.zeros_like(rewards)
     running = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
@@ -245,7 +257,11 @@ def gae_advantages(
             f"gae: values shape {tuple(values.shape)} != token_level_rewards shape "
             f"{tuple(token_level_rewards.shape)}; they must match"
         )
-    rewards = token_level_rewards if token_level_rewards.is_floating_point() else token_level_rewards.float()
+    rewards = (
+        token_level_rewards
+        if token_level_rewards.is_floating_point()
+        else token_level_rewards.float()
+    )
     values = values.to(rewards.dtype)
     valid = response_mask != 0
     zeros = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)

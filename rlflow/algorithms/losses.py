@@ -104,7 +104,10 @@ def aggregate_loss(
     local_seqs = valid.any(dim=-1).sum().to(loss_mat.dtype)
 
     if mode == "token-mean":
-        return _safe_div(masked_sum(loss_mat, mask), _denominator(global_num_tokens, local_tokens, "global_num_tokens"))
+        return _safe_div(
+            masked_sum(loss_mat, mask),
+            _denominator(global_num_tokens, local_tokens, "global_num_tokens"),
+        )
 
     seqs = _denominator(global_num_seqs, local_seqs, "global_num_seqs")
     if mode == "seq-mean-token-sum":
@@ -112,11 +115,17 @@ def aggregate_loss(
     if mode == "seq-mean-token-mean":
         per_seq = masked_mean(loss_mat, mask, dim=-1)  # 0 for rows without valid tokens
         return _safe_div(per_seq.sum(), seqs)
-    length = _denominator(norm_length, torch.tensor(float(loss_mat.shape[-1]), dtype=loss_mat.dtype, device=loss_mat.device), "norm_length")
+    length = _denominator(
+        norm_length,
+        torch.tensor(float(loss_mat.shape[-1]), dtype=loss_mat.dtype, device=loss_mat.device),
+        "norm_length",
+    )
     return _safe_div(masked_sum(loss_mat, mask), seqs * length)
 
 
-def _log_ratio(log_prob: torch.Tensor, old_log_prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _log_ratio(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     # Masked positions may hold -inf/nan log-probs; zero them so exp() and gradients stay finite.
     diff = torch.where(mask != 0, log_prob - old_log_prob, torch.zeros_like(log_prob))
     return torch.clamp(diff, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
@@ -146,14 +155,22 @@ def policy_loss_clipped(
     active), ``ppo_kl`` (mean of ``old - logp``).
     """
     _check_same_shape(
-        "policy_loss_clipped", log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, response_mask=response_mask
+        "policy_loss_clipped",
+        log_prob=log_prob,
+        old_log_prob=old_log_prob,
+        advantages=advantages,
+        response_mask=response_mask,
     )
     if clip_ratio_low < 0 or clip_ratio_high < 0:
         raise ValueError(
-            f"policy_loss_clipped: clip_ratio_low/high must be >= 0, got {clip_ratio_low}, {clip_ratio_high}"
+            "policy_loss_clipped: clip_ratio_low/high must be >= 0, "
+            f"got {clip_ratio_low}, {clip_ratio_high}"
         )
     if clip_ratio_c is not None and clip_ratio_c <= 1.0:
-        raise ValueError(f"policy_loss_clipped: clip_ratio_c must be > 1 (or None to disable), got {clip_ratio_c}")
+        raise ValueError(
+            "policy_loss_clipped: clip_ratio_c must be > 1 (or None to disable), "
+            f"got {clip_ratio_c}"
+        )
 
     log_ratio = _log_ratio(log_prob, old_log_prob, response_mask)
     ratio = torch.exp(log_ratio)
@@ -169,7 +186,9 @@ def policy_loss_clipped(
     else:
         dual_active = torch.zeros_like(loss_mat)
 
-    loss = aggregate_loss(loss_mat, response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, norm_length)
+    loss = aggregate_loss(
+        loss_mat, response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, norm_length
+    )
     with torch.no_grad():
         metrics = {
             "pg_clipfrac": masked_mean(clip_active, response_mask).item(),
@@ -203,11 +222,16 @@ def policy_loss_gspo(
     Metrics: ``pg_clipfrac``, ``pg_clipfrac_lower`` (always 0, no dual clip), ``ppo_kl``.
     """
     _check_same_shape(
-        "policy_loss_gspo", log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, response_mask=response_mask
+        "policy_loss_gspo",
+        log_prob=log_prob,
+        old_log_prob=old_log_prob,
+        advantages=advantages,
+        response_mask=response_mask,
     )
     if clip_ratio_low < 0 or clip_ratio_high < 0:
         raise ValueError(
-            f"policy_loss_gspo: clip_ratio_low/high must be >= 0, got {clip_ratio_low}, {clip_ratio_high}"
+            "policy_loss_gspo: clip_ratio_low/high must be >= 0, "
+            f"got {clip_ratio_low}, {clip_ratio_high}"
         )
     token_log_ratio = _log_ratio(log_prob, old_log_prob, response_mask)
     seq_log_ratio = masked_mean(token_log_ratio, response_mask, dim=-1)
@@ -218,7 +242,9 @@ def policy_loss_gspo(
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
     loss_mat = torch.maximum(unclipped, clipped)
 
-    loss = aggregate_loss(loss_mat, response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, norm_length)
+    loss = aggregate_loss(
+        loss_mat, response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, norm_length
+    )
     with torch.no_grad():
         metrics = {
             "pg_clipfrac": masked_mean((clipped > unclipped).float(), response_mask).item(),
@@ -243,7 +269,8 @@ def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kind: str) ->
         raise ValueError(f"unknown KL kind {kind!r}; use one of {list(KL_KINDS)}")
     if log_prob.shape != ref_log_prob.shape:
         raise ValueError(
-            f"kl_penalty: log_prob shape {tuple(log_prob.shape)} != ref_log_prob shape {tuple(ref_log_prob.shape)}"
+            f"kl_penalty: log_prob shape {tuple(log_prob.shape)} != ref_log_prob shape "
+            f"{tuple(ref_log_prob.shape)}; they must match"
         )
     diff = log_prob - ref_log_prob
     if kind == "k1":
@@ -273,17 +300,29 @@ def value_loss_clipped(
     strictly larger.
     """
     _check_same_shape(
-        "value_loss_clipped", values=values, old_values=old_values, returns=returns, response_mask=response_mask
+        "value_loss_clipped",
+        values=values,
+        old_values=old_values,
+        returns=returns,
+        response_mask=response_mask,
     )
     if cliprange_value < 0:
         raise ValueError(f"value_loss_clipped: cliprange_value must be >= 0, got {cliprange_value}")
-    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    clipped_values = old_values + torch.clamp(
+        values - old_values, -cliprange_value, cliprange_value
+    )
     unclipped_loss = (values - returns).square()
     clipped_loss = (clipped_values - returns).square()
     loss_mat = 0.5 * torch.maximum(unclipped_loss, clipped_loss)
-    loss = aggregate_loss(loss_mat, response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, norm_length)
+    loss = aggregate_loss(
+        loss_mat, response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, norm_length
+    )
     with torch.no_grad():
-        metrics = {"vf_clipfrac": masked_mean((clipped_loss > unclipped_loss).float(), response_mask).item()}
+        metrics = {
+            "vf_clipfrac": masked_mean(
+                (clipped_loss > unclipped_loss).float(), response_mask
+            ).item()
+        }
     return loss, metrics
 
 
@@ -333,7 +372,9 @@ def dpo_loss(
     elif loss_type == "hinge":
         losses = torch.relu(1.0 - beta * logits)
     else:  # robust
-        losses = (-(1 - eps) * F.logsigmoid(beta * logits) + eps * F.logsigmoid(-beta * logits)) / (1 - 2 * eps)
+        losses = (-(1 - eps) * F.logsigmoid(beta * logits) + eps * F.logsigmoid(-beta * logits)) / (
+            1 - 2 * eps
+        )
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import math
 from collections import UserDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from copy import deepcopy
-from typing import Any, Callable, Iterator, Mapping, Sequence, TypedDict, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import torch
 
@@ -131,7 +132,9 @@ def _fit_dim(tensor: torch.Tensor, dim: int, length: int, pad_value: float) -> t
 def _lengths_as_ints(key: str, lengths: Any) -> list[int]:
     if isinstance(lengths, torch.Tensor):
         if lengths.ndim != 1 or lengths.is_floating_point() or lengths.is_complex():
-            raise TypeError(f"{key!r} must hold one integer length per sample (1-D int tensor or list)")
+            raise TypeError(
+                f"{key!r} must hold one integer length per sample (1-D int tensor or list)"
+            )
         return [int(x) for x in lengths.tolist()]
     if not all(isinstance(x, int) and not isinstance(x, bool) for x in lengths):
         raise TypeError(f"{key!r} must hold one integer length per sample (1-D int tensor or list)")
@@ -188,7 +191,9 @@ _PACKERS: dict[str, Callable[[Sequence[int], int], list[list[int]]]] = {
 }
 
 
-def _split_bins_to_multiple(bins: list[list[int]], lengths: Sequence[int], multiple: int) -> list[list[int]]:
+def _split_bins_to_multiple(
+    bins: list[list[int]], lengths: Sequence[int], multiple: int
+) -> list[list[int]]:
     """Add bins until their count is a positive multiple of ``multiple``.
 
     Each step splits the bin with the most sequences (then most tokens) into two
@@ -251,7 +256,9 @@ def _greedy_microbatches(padded: Sequence[int], cap: int) -> list[list[int]]:
     return ranges
 
 
-def _split_microbatches_to(ranges: list[list[int]], padded: Sequence[int], count: int) -> list[list[int]]:
+def _split_microbatches_to(
+    ranges: list[list[int]], padded: Sequence[int], count: int
+) -> list[list[int]]:
     """Split runs (heaviest first) until there are ``count``; pad with empty runs.
 
     Halving a run never raises its ``count * max`` product, so the cap still holds.
@@ -283,7 +290,9 @@ def _validated_args(
         raise TypeError(f"{name} must be a dict, got {type(args).__name__}")
     unknown = sorted(set(args) - set(required) - set(defaults))
     if unknown:
-        raise ValueError(f"{name} has unknown keys {unknown}; allowed: {sorted([*required, *defaults])}")
+        raise ValueError(
+            f"{name} has unknown keys {unknown}; allowed: {sorted([*required, *defaults])}"
+        )
     missing = [k for k in required if k not in args]
     if missing:
         raise ValueError(f"{name} is missing required keys {missing}")
@@ -356,21 +365,27 @@ class BatchedDataDict(UserDict):
             elif all(isinstance(v, torch.Tensor) for v in values):
                 ranks = {v.ndim for v in values}
                 if len(ranks) != 1:
-                    raise ValueError(f"key {key!r} has tensors of different ranks {sorted(ranks)} across batches")
+                    raise ValueError(
+                        f"key {key!r} has tensors of different ranks {sorted(ranks)} across batches"
+                    )
                 if values[0].ndim == 1:
                     out[key] = torch.cat(values)
                     continue
                 trailing = {tuple(v.shape[2:]) for v in values}
                 if len(trailing) != 1:
                     raise ValueError(
-                        f"key {key!r} has tensors whose dims after dim 1 differ across batches: {sorted(trailing)}"
+                        f"key {key!r} has tensors whose dims after dim 1 differ across "
+                        f"batches: {sorted(trailing)}"
                     )
                 width = max(v.shape[1] for v in values)
                 pad = pad_value_dict.get(key, 0)
                 out[key] = torch.cat([_fit_dim(v, 1, width, pad) for v in values])
             else:
                 kinds = sorted({type(v).__name__ for v in values})
-                raise TypeError(f"key {key!r} mixes value types {kinds} across batches; use all tensors or all lists")
+                raise TypeError(
+                    f"key {key!r} mixes value types {kinds} across batches; "
+                    "use all tensors or all lists"
+                )
         return out
 
     # -- inspection -----------------------------------------------------------------
@@ -381,7 +396,10 @@ class BatchedDataDict(UserDict):
         sizes = {key: _batch_len(key, value) for key, value in self.data.items()}
         if len(set(sizes.values())) > 1:
             listing = ", ".join(f"{k}={n}" for k, n in sizes.items())
-            raise ValueError(f"values disagree on batch size ({listing}); every value needs the same leading size")
+            raise ValueError(
+                f"values disagree on batch size ({listing}); "
+                "every value needs the same leading size"
+            )
         return next(iter(sizes.values()), 0)
 
     def get_dict(self) -> dict[str, Any]:
@@ -400,7 +418,10 @@ class BatchedDataDict(UserDict):
         """Rows ``[start, end)``; requires ``0 <= start <= end <= size``. Tensors are views."""
         size = self.size
         if not (0 <= start <= end <= size):
-            raise ValueError(f"slice({start}, {end}) is out of range for batch size {size}; need 0 <= start <= end <= size")
+            raise ValueError(
+                f"slice({start}, {end}) is out of range for batch size {size}; "
+                "need 0 <= start <= end <= size"
+            )
         out = SlicedDataDict()
         for key, value in self.data.items():
             out[key] = value[start:end]
@@ -442,11 +463,15 @@ class BatchedDataDict(UserDict):
         counts = self.elem_counts_per_gb
         if counts is not None:
             if not 0 <= batch_idx < len(counts):
-                raise ValueError(f"batch_idx {batch_idx} is out of range; this shard holds {len(counts)} global batches")
+                raise ValueError(
+                    f"batch_idx {batch_idx} is out of range; "
+                    f"this shard holds {len(counts)} global batches"
+                )
             if batch_size is not None and batch_size != counts[batch_idx]:
                 raise ValueError(
-                    f"batch_size={batch_size} disagrees with the shard's plan ({counts[batch_idx]} samples "
-                    f"in global batch {batch_idx}); pass batch_size=None"
+                    f"batch_size={batch_size} disagrees with the shard's plan "
+                    f"({counts[batch_idx]} samples in global batch {batch_idx}); "
+                    "pass batch_size=None"
                 )
             start = sum(counts[:batch_idx])
             end = start + counts[batch_idx]
@@ -456,7 +481,9 @@ class BatchedDataDict(UserDict):
             _check_positive_int("batch_size", batch_size)
             start, end = batch_idx * batch_size, (batch_idx + 1) * batch_size
             if batch_idx < 0 or end > self.size:
-                raise ValueError(f"global batch {batch_idx} of size {batch_size} exceeds batch size {self.size}")
+                raise ValueError(
+                    f"global batch {batch_idx} of size {batch_size} exceeds batch size {self.size}"
+                )
         out = self.slice(start, end)
         out.elem_counts_per_gb = [end - start]
         out.sequence_key = self.sequence_key
@@ -488,11 +515,21 @@ class BatchedDataDict(UserDict):
         Tensors with ``ndim <= dim`` or already short enough are left alone. Returns self.
         """
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be an int >= 1 (use slice() for the batch dim), got {dim!r}")
-        if isinstance(truncated_len, bool) or not isinstance(truncated_len, int) or truncated_len < 0:
+            raise ValueError(
+                f"dim must be an int >= 1 (use slice() for the batch dim), got {dim!r}"
+            )
+        if (
+            isinstance(truncated_len, bool)
+            or not isinstance(truncated_len, int)
+            or truncated_len < 0
+        ):
             raise ValueError(f"truncated_len must be an int >= 0, got {truncated_len!r}")
         for key, value in self.data.items():
-            if isinstance(value, torch.Tensor) and value.ndim > dim and value.shape[dim] > truncated_len:
+            if (
+                isinstance(value, torch.Tensor)
+                and value.ndim > dim
+                and value.shape[dim] > truncated_len
+            ):
                 self.data[key] = value.narrow(dim, 0, truncated_len)
         return self
 
@@ -537,18 +574,27 @@ class BatchedDataDict(UserDict):
         _check_positive_int("microbatch_size", microbatch_size)
         size = self.size
         if size % microbatch_size:
-            raise ValueError(f"batch size {size} is not divisible by microbatch_size={microbatch_size}")
+            raise ValueError(
+                f"batch size {size} is not divisible by microbatch_size={microbatch_size}"
+            )
         for start in range(0, size, microbatch_size):
             yield self.slice(start, start + microbatch_size)
 
     def _planned_ranges(self, kind: str) -> Iterator[tuple[int, int, int]]:
-        if self.micro_batch_indices is None or self.micro_batch_lengths is None or self.elem_counts_per_gb is None:
+        if (
+            self.micro_batch_indices is None
+            or self.micro_batch_lengths is None
+            or self.elem_counts_per_gb is None
+        ):
             raise ValueError(
-                f"no micro-batch plan: call shard_by_batch_size(..., {kind}=...) and iterate over one of its shards"
+                f"no micro-batch plan: call shard_by_batch_size(..., {kind}=...) "
+                "and iterate over one of its shards"
             )
         offset = 0
-        for ranges, lengths, count in zip(self.micro_batch_indices, self.micro_batch_lengths, self.elem_counts_per_gb):
-            for (start, end), length in zip(ranges, lengths):
+        for ranges, lengths, count in zip(
+            self.micro_batch_indices, self.micro_batch_lengths, self.elem_counts_per_gb, strict=True
+        ):
+            for (start, end), length in zip(ranges, lengths, strict=True):
                 yield offset + start, offset + end, length
             offset += count
 
@@ -567,12 +613,19 @@ class BatchedDataDict(UserDict):
         key = self.sequence_key
         ranges = list(self._planned_ranges("dynamic_batching_args"))
         if key is None or key not in self.data:
-            raise ValueError(f"sequence_key {key!r} is not in this dict; it must keep the input key used for sharding")
+            raise ValueError(
+                f"sequence_key {key!r} is not in this dict; "
+                "it must keep the input key used for sharding"
+            )
         width = self.data[key].shape[sequence_dim]
         for start, end, length in ranges:
             mb = self.slice(start, end)
             for k, value in mb.data.items():
-                if isinstance(value, torch.Tensor) and value.ndim > sequence_dim and value.shape[sequence_dim] == width:
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.ndim > sequence_dim
+                    and value.shape[sequence_dim] == width
+                ):
                     mb.data[k] = _fit_dim(value, sequence_dim, length, pad_value_dict.get(k, 0))
             yield mb
 
@@ -581,7 +634,9 @@ class BatchedDataDict(UserDict):
         return sum(1 for _ in self._planned_ranges("dynamic_batching_args"))
 
     def make_microbatch_iterator_for_packable_sequences(self) -> Iterator[SlicedDataDict]:
-        """Yield one slice per packing bin (global batches in order); the caller packs each into one row.
+        """Yield one slice per packing bin, global batches in order.
+
+        The caller packs each slice into one row.
 
         An empty bin (only with uneven shards) yields a 0-row slice: the rank must
         still run a step (e.g. on a dummy token) so collectives line up.
@@ -658,7 +713,9 @@ class BatchedDataDict(UserDict):
                 ("max_tokens_per_microbatch", "input_key", "input_lengths_key"),
                 {"sequence_length_round": 1, "micro_batch_order": "ascending"},
             )
-            _check_positive_int("dynamic_batching_args['sequence_length_round']", args["sequence_length_round"])
+            _check_positive_int(
+                "dynamic_batching_args['sequence_length_round']", args["sequence_length_round"]
+            )
             plan = self._plan_dynamic(shards, batch_size, num_gb, args)
             sequence_key = args["input_key"]
         elif sequence_packing_args is not None:
@@ -666,14 +723,20 @@ class BatchedDataDict(UserDict):
                 "sequence_packing_args",
                 sequence_packing_args,
                 ("max_tokens_per_microbatch", "input_key", "input_lengths_key"),
-                {"algorithm": "first_fit_decreasing", "sequence_length_pad_multiple": 1, "micro_batch_order": "ascending"},
+                {
+                    "algorithm": "first_fit_decreasing",
+                    "sequence_length_pad_multiple": 1,
+                    "micro_batch_order": "ascending",
+                },
             )
             if args["algorithm"] not in _PACKERS:
                 raise ValueError(
-                    f"sequence_packing_args['algorithm'] is {args['algorithm']!r}; choose one of {sorted(_PACKERS)}"
+                    f"sequence_packing_args['algorithm'] is {args['algorithm']!r}; "
+                    f"choose one of {sorted(_PACKERS)}"
                 )
             _check_positive_int(
-                "sequence_packing_args['sequence_length_pad_multiple']", args["sequence_length_pad_multiple"]
+                "sequence_packing_args['sequence_length_pad_multiple']",
+                args["sequence_length_pad_multiple"],
             )
             plan = self._plan_packing(shards, batch_size, num_gb, args)
             sequence_key = args["input_key"]
@@ -708,21 +771,32 @@ class BatchedDataDict(UserDict):
 
     def _sharding_lengths(self, name: str, args: Mapping[str, Any]) -> list[int]:
         """Validated per-sample lengths for the sharding plans."""
-        _check_positive_int(f"{name}['max_tokens_per_microbatch']", args["max_tokens_per_microbatch"])
+        _check_positive_int(
+            f"{name}['max_tokens_per_microbatch']", args["max_tokens_per_microbatch"]
+        )
         for field in ("input_key", "input_lengths_key"):
             if args[field] not in self.data:
-                raise ValueError(f"{name}[{field!r}] is {args[field]!r}, which is not a key of this batch")
+                raise ValueError(
+                    f"{name}[{field!r}] is {args[field]!r}, which is not a key of this batch"
+                )
         inputs = self.data[args["input_key"]]
         if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2:
-            raise ValueError(f"{name}['input_key'] {args['input_key']!r} must name a [B, T, ...] tensor")
+            raise ValueError(
+                f"{name}['input_key'] {args['input_key']!r} must name a [B, T, ...] tensor"
+            )
         lengths = _lengths_as_ints(args["input_lengths_key"], self.data[args["input_lengths_key"]])
         width = inputs.shape[1]
         bad = [n for n in lengths if not 0 <= n <= width]
         if bad:
-            raise ValueError(f"{args['input_lengths_key']!r} has lengths {bad[:5]} outside [0, {width}] (the width of {args['input_key']!r})")
+            raise ValueError(
+                f"{args['input_lengths_key']!r} has lengths {bad[:5]} outside [0, {width}] "
+                f"(the width of {args['input_key']!r})"
+            )
         return lengths
 
-    def _plan_dynamic(self, shards: int, batch_size: int, num_gb: int, args: Mapping[str, Any]) -> list[list[tuple]]:
+    def _plan_dynamic(
+        self, shards: int, batch_size: int, num_gb: int, args: Mapping[str, Any]
+    ) -> list[list[tuple]]:
         lengths = self._sharding_lengths("dynamic_batching_args", args)
         cap, step = args["max_tokens_per_microbatch"], args["sequence_length_round"]
         sign = 1 if args["micro_batch_order"] == "ascending" else -1
@@ -731,8 +805,9 @@ class BatchedDataDict(UserDict):
         too_long = [p for p in padded if p > cap]
         if too_long:
             raise ValueError(
-                f"a sample's rounded length {max(too_long)} exceeds dynamic_batching_args['max_tokens_per_microbatch']"
-                f"={cap}; raise the cap or shorten sequences"
+                f"a sample's rounded length {max(too_long)} exceeds "
+                f"dynamic_batching_args['max_tokens_per_microbatch']={cap}; "
+                "raise the cap or shorten sequences"
             )
         plan = []
         for g in range(num_gb):
@@ -742,7 +817,7 @@ class BatchedDataDict(UserDict):
             runs = [_greedy_microbatches([padded[i] for i in rows], cap) for rows in dealt]
             count = max(len(r) for r in runs)
             per_shard = []
-            for rows, shard_runs in zip(dealt, runs):
+            for rows, shard_runs in zip(dealt, runs, strict=True):
                 shard_padded = [padded[i] for i in rows]
                 shard_runs = _split_microbatches_to(shard_runs, shard_padded, count)
                 run_lengths = [max(shard_padded[a:b], default=0) for a, b in shard_runs]
@@ -750,7 +825,9 @@ class BatchedDataDict(UserDict):
             plan.append(per_shard)
         return plan
 
-    def _plan_packing(self, shards: int, batch_size: int, num_gb: int, args: Mapping[str, Any]) -> list[list[tuple]]:
+    def _plan_packing(
+        self, shards: int, batch_size: int, num_gb: int, args: Mapping[str, Any]
+    ) -> list[list[tuple]]:
         lengths = self._sharding_lengths("sequence_packing_args", args)
         cap, multiple = args["max_tokens_per_microbatch"], args["sequence_length_pad_multiple"]
         packer = _PACKERS[args["algorithm"]]
@@ -759,8 +836,9 @@ class BatchedDataDict(UserDict):
         too_long = [p for p in padded if p > cap]
         if too_long:
             raise ValueError(
-                f"a sequence's padded length {max(too_long)} exceeds sequence_packing_args['max_tokens_per_microbatch']"
-                f"={cap}; raise the cap or shorten sequences"
+                f"a sequence's padded length {max(too_long)} exceeds "
+                f"sequence_packing_args['max_tokens_per_microbatch']={cap}; "
+                "raise the cap or shorten sequences"
             )
         plan = []
         for g in range(num_gb):
@@ -795,7 +873,10 @@ class BatchedDataDict(UserDict):
         import torch.distributed as dist
 
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("all_gather needs an initialized torch.distributed process group (init_process_group)")
+            raise RuntimeError(
+                "all_gather needs an initialized torch.distributed process group "
+                "(call init_process_group first)"
+            )
         _ = self.size  # fail early, before the collective, on a malformed dict
         local = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in self.data.items()}
         gathered: list[Any] = [None] * dist.get_world_size(group)

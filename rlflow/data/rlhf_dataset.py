@@ -40,7 +40,7 @@ def _read_parquet_columns(path: str, prompt_key: str) -> dict[str, list[Any]]:
     except (pa.ArrowException, OSError) as exc:
         raise ValueError(f"cannot read data file {path!r} as parquet: {_first_line(exc)}") from exc
     if prompt_key not in table.column_names:
-        raise KeyError(
+        raise ValueError(
             f"data file {path!r} has no column {prompt_key!r} (columns: {table.column_names}); "
             "set data.prompt_key to the column holding the chat messages"
         )

@@ -115,9 +115,9 @@ def postprocess_data(
         else:  # middle
             head = math.ceil(max_length / 2)
             tail = max_length - head
-            keep = torch.cat(
-                [torch.arange(head), torch.arange(length - tail, length)]
-            ).to(input_ids.device)
+            keep = torch.cat([torch.arange(head), torch.arange(length - tail, length)]).to(
+                input_ids.device
+            )
             input_ids = input_ids.index_select(-1, keep)
             attention_mask = attention_mask.index_select(-1, keep)
 
@@ -159,7 +159,7 @@ def pad_2d_list_to_tensor(
             )
         width = max_length
     out = torch.full((len(rows), width), pad_value, dtype=dtype)
-    for i, (row, n) in enumerate(zip(rows, lengths)):
+    for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
         if n == 0:
             continue
         values = torch.as_tensor(row, dtype=dtype)
@@ -246,7 +246,9 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     flat_labels = labels.reshape(-1, 1).long()
     step = _chunk_rows(flat_logits)
     out = []
-    for chunk, lab in zip(torch.split(flat_logits, step), torch.split(flat_labels, step)):
+    for chunk, lab in zip(
+        torch.split(flat_logits, step), torch.split(flat_labels, step), strict=True
+    ):
         work = _upcast(chunk)
         picked = torch.gather(work, -1, lab).squeeze(-1)
         out.append(picked - torch.logsumexp(work, dim=-1))
@@ -282,7 +284,9 @@ def _check_mask(x: torch.Tensor, mask: torch.Tensor, fn: str) -> None:
 
 def _zero_invalid(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``x * mask`` where invalid positions become exactly 0 even if ``x`` is nan/inf."""
-    return torch.where(mask != 0, x * mask.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.where(
+        mask != 0, x * mask.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device)
+    )
 
 
 def masked_sum(
@@ -302,6 +306,7 @@ def masked_mean(
     A reduction with no valid positions gives 0 rather than ``nan``.
     """
     _check_mask(x, mask, "masked_mean")
+    x = x if x.is_floating_point() else x.float()
     total = masked_sum(x, mask, dim)
     count = mask.to(total.dtype).sum() if dim is None else mask.to(total.dtype).sum(dim=dim)
     return torch.where(count > 0, total / count.clamp_min(torch.finfo(total.dtype).tiny), 0.0)

@@ -16,7 +16,13 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from rlflow.algorithms.losses import aggregate_loss, kl_penalty, policy_loss_clipped, policy_loss_gspo
+from rlflow.algorithms.losses import (
+    aggregate_loss,
+    count_tokens_and_seqs,
+    kl_penalty,
+    policy_loss_clipped,
+    policy_loss_gspo,
+)
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.models.loading import load_causal_lm
 from rlflow.optim import build_lr_scheduler, build_optimizer
@@ -134,8 +140,8 @@ class PolicyWorker(Worker):
         return metrics
 
     def _global_counts(self, mini: BatchedDataDict) -> tuple[float, float]:
-        mask = mini["response_mask"]
-        counts = torch.tensor([float(mask.sum()), float(mini.size)], dtype=torch.float64)
+        num_tokens, num_seqs = count_tokens_and_seqs(mini["response_mask"])
+        counts = torch.tensor([float(num_tokens), float(num_seqs)], dtype=torch.float64)
         if self.world_size > 1:
             dist.all_reduce(counts)
         return counts[0].item(), counts[1].item()

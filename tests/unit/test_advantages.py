@@ -22,7 +22,10 @@ def _naive_whiten(vals_by_pos, mask):
     mean = sum(vals) / n
     var = sum((v - mean) ** 2 for v in vals) / (n - 1)
     return [
-        [((vals_by_pos[b][t] - mean) / math.sqrt(var + 1e-8)) if mask[b][t] else 0.0 for t in range(len(mask[0]))]
+        [
+            ((vals_by_pos[b][t] - mean) / math.sqrt(var + 1e-8)) if mask[b][t] else 0.0
+            for t in range(len(mask[0]))
+        ]
         for b in range(len(mask))
     ]
 
@@ -80,7 +83,11 @@ def test_grpo_spec_example_with_padding():
         "grpo", token_level_rewards=rewards, response_mask=mask, group_index=[7, 7, 7], epsilon=1e-6
     )
     want = torch.tensor(
-        [[0.57735, 0.57735, 0.57735, 0.0], [0.57735, 0.0, 0.0, 0.0], [-1.1547, -1.1547, -1.1547, -1.1547]]
+        [
+            [0.57735, 0.57735, 0.57735, 0.0],
+            [0.57735, 0.0, 0.0, 0.0],
+            [-1.1547, -1.1547, -1.1547, -1.1547],
+        ]
     )
     torch.testing.assert_close(adv, want, atol=1e-4, rtol=0)
 
@@ -88,7 +95,9 @@ def test_grpo_spec_example_with_padding():
 def test_grpo_all_equal_group_gives_zero_not_nan():
     mask = torch.ones(3, 2)
     rewards = _rewards_at_end([1.0, 1.0, 1.0], mask)
-    adv, _ = compute_advantages("grpo", token_level_rewards=rewards, response_mask=mask, group_index=[0, 0, 0])
+    adv, _ = compute_advantages(
+        "grpo", token_level_rewards=rewards, response_mask=mask, group_index=[0, 0, 0]
+    )
     assert torch.equal(adv, torch.zeros(3, 2))
 
 
@@ -96,7 +105,11 @@ def test_dr_grpo_no_std():
     mask = torch.ones(4, 1)
     rewards = _rewards_at_end([1.0, 0.0, 0.0, 0.0], mask)
     adv, _ = compute_advantages(
-        "grpo", token_level_rewards=rewards, response_mask=mask, group_index=torch.tensor([3, 3, 3, 3]), norm_by_std=False
+        "grpo",
+        token_level_rewards=rewards,
+        response_mask=mask,
+        group_index=torch.tensor([3, 3, 3, 3]),
+        norm_by_std=False,
     )
     torch.testing.assert_close(adv[:, 0], torch.tensor([0.75, -0.25, -0.25, -0.25]))
 
@@ -109,7 +122,9 @@ def test_rloo_leave_one_out():
     scores = [1.0, 0.0, 3.0, 2.0, 4.0]
     rewards = _rewards_at_end(scores, mask)
     groups = ["a", "a", "a", "b", "c"]
-    adv, _ = compute_advantages("rloo", token_level_rewards=rewards, response_mask=mask, group_index=groups)
+    adv, _ = compute_advantages(
+        "rloo", token_level_rewards=rewards, response_mask=mask, group_index=groups
+    )
     want = []
     for i, s in enumerate(scores):
         others = [scores[j] for j in range(5) if j != i and groups[j] == groups[i]]
@@ -200,7 +215,9 @@ def test_gae_hand_example():
     rewards = torch.tensor([[0.0, 1.0]])
     values = torch.tensor([[0.5, 0.25]])
     mask = torch.ones(1, 2)
-    _, ret = compute_advantages("gae", token_level_rewards=rewards, response_mask=mask, values=values)
+    _, ret = compute_advantages(
+        "gae", token_level_rewards=rewards, response_mask=mask, values=values
+    )
     torch.testing.assert_close(ret, torch.tensor([[1.0, 1.0]]))
 
 
@@ -219,7 +236,9 @@ def test_registry_names():
 
 def test_unknown_estimator_lists_names():
     with pytest.raises(ValueError, match="grpo.*rloo"):
-        compute_advantages("ppo2", token_level_rewards=torch.zeros(1, 1), response_mask=torch.ones(1, 1))
+        compute_advantages(
+            "ppo2", token_level_rewards=torch.zeros(1, 1), response_mask=torch.ones(1, 1)
+        )
 
 
 def test_missing_inputs_raise():
@@ -231,4 +250,6 @@ def test_missing_inputs_raise():
     with pytest.raises(ValueError, match="values"):
         compute_advantages("gae", token_level_rewards=r, response_mask=m)
     with pytest.raises(ValueError, match="response_mask"):
-        compute_advantages("grpo", token_level_rewards=r, response_mask=torch.ones(2, 3), group_index=[0, 0])
+        compute_advantages(
+            "grpo", token_level_rewards=r, response_mask=torch.ones(2, 3), group_index=[0, 0]
+        )

@@ -220,7 +220,9 @@ def test_masked_whiten():
     vals = [1.0, 2.0, 4.0, 7.0]
     mean = sum(vals) / 4
     std = math.sqrt(sum((v - mean) ** 2 for v in vals) / 3 + 1e-8)
-    want = torch.tensor([[(1 - mean) / std, (2 - mean) / std, 0.0], [(4 - mean) / std, (7 - mean) / std, 0.0]])
+    want = torch.tensor(
+        [[(1 - mean) / std, (2 - mean) / std, 0.0], [(4 - mean) / std, (7 - mean) / std, 0.0]]
+    )
     torch.testing.assert_close(masked_whiten(x, mask), want)
     want_noshift = torch.where(mask.bool(), want + mean, torch.tensor(0.0))
     torch.testing.assert_close(masked_whiten(x, mask, shift_mean=False), want_noshift)
