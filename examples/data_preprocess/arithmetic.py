@@ -159,7 +159,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_operand", type=int, default=DEFAULT_MAX_OPERAND)
     parser.add_argument("--min_operand", type=int, default=0)
-    parser.add_argument("--ops", default="+", help="operators to draw from, e.g. '+-*' (write --ops=-+ when the value starts with '-')")
+    parser.add_argument(
+        "--ops",
+        default="+",
+        help="operators to draw from, e.g. '+-*' (write --ops=-+ when the value starts with '-')",
+    )
     return parser.parse_args(argv)
 
 

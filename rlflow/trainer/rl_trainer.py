@@ -105,14 +105,14 @@ class RLTrainer:
         cfg = self.cfg
         plain = OmegaConf.to_container(cfg, resolve=True)
 
-        def group(worker_cls, role: str, role_cfg: Any, **kwargs) -> WorkerGroup:
+        def group(worker_cls, name: str, role_cfg: Any, **kwargs) -> WorkerGroup:
             pool = ResourcePool(
-                role,
+                name,
                 num_workers=int(role_cfg.num_workers),
                 cpus_per_worker=float(role_cfg.cpus_per_worker),
                 gpus_per_worker=float(getattr(role_cfg, "gpus_per_worker", 0.0)),
             )
-            return WorkerGroup(worker_cls, role, pool, init_kwargs={"config": plain, **kwargs})
+            return WorkerGroup(worker_cls, name, pool, init_kwargs={"config": plain, **kwargs})
 
         self.groups["actor"] = group(PolicyWorker, "actor", cfg.actor, role="actor", total_steps=self._optimizer_steps())
         if self.use_ref:

@@ -183,10 +183,10 @@ class PolicyWorker(Worker):
             (loss * self.world_size).backward()
             token_share = float(mask.sum()) / max(num_tokens, 1.0)
             stats += torch.tensor([
-                float(pg_loss), float(entropy_share), float(kl_share),
+                pg_loss.item(), entropy_share.item(), kl_share.detach().item(),
                 float(pg_stats["pg_clipfrac"]) * token_share,
                 float(pg_stats["ppo_kl"]) * token_share,
-                float(loss),
+                loss.item(),
             ], dtype=torch.float64)
         grad_norm = self._clip_grad_norm(float(acfg.optim.grad_clip))
         skipped = not math.isfinite(grad_norm)
