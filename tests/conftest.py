@@ -9,6 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
+# Demo assets (tiny model, parquet) are built once per test session in a private cache, never
+# in the user's ~/.cache; set at import so every Ray worker started later inherits it.
+os.environ.setdefault("RLFLOW_CACHE", tempfile.mkdtemp(prefix="rlflow-test-cache-"))
+
 # Session-wide Ray settings: 2 CPUs matches the workplace machines and CI.
 RAY_TEST_NUM_CPUS = 2
 

@@ -124,9 +124,47 @@ class RefConfig:
 
 
 @dataclass
+class CriticConfig:
+    """The value model of PPO (spawned only when ``algorithm.adv_estimator=gae``).
+
+    A ``Linear(hidden, 1)`` value head on the backbone of ``model_path`` (default
+    ``model.path``), trained with the clipped value loss. Batch sizes follow the actor's
+    conventions: ``ppo_mini_batch_size`` counts prompts (each brings ``rollout.n`` responses),
+    micro-batch sizes count responses per worker.
+    """
+
+    num_workers: int = 1
+    cpus_per_worker: float = 0.25
+    gpus_per_worker: float = 0.0
+    torch_threads: int = 1
+    # None: initialise from model.path (the policy's checkpoint), as PPO usually does.
+    model_path: Optional[str] = None
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+    ppo_mini_batch_size: int = 32
+    ppo_micro_batch_size_per_worker: int = 64
+    forward_micro_batch_size_per_worker: int = 128
+    ppo_epochs: int = 1
+    shuffle_mini_batches: bool = False
+    # Values may move at most this far from the rollout-time values per update (PPO's value clip).
+    cliprange_value: float = 0.5
+    loss_agg_mode: str = "token-mean"
+
+
+@dataclass
 class CustomFunctionConfig:
     path: Optional[str] = None
     name: str = "compute_score"
+
+
+@dataclass
+class OverlongBufferConfig:
+    """DAPO's soft overlong punishment: a response whose length enters the last ``len`` tokens
+    before ``data.max_response_length`` loses ``penalty_factor * (excess / len)`` reward, growing
+    linearly to ``penalty_factor`` at the maximum length."""
+
+    enable: bool = False
+    len: int = 0
+    penalty_factor: float = 1.0
 
 
 @dataclass
@@ -134,6 +172,35 @@ class RewardConfig:
     num_workers: int = 1
     cpus_per_worker: float = 0.25
     custom_fn: CustomFunctionConfig = field(default_factory=CustomFunctionConfig)
+    overlong_buffer: OverlongBufferConfig = field(default_factory=OverlongBufferConfig)
+
+
+@dataclass
+class KLControlConfig:
+    """Coefficient of the KL penalty inside the reward (``algorithm.use_kl_in_reward``).
+
+    ``fixed`` keeps ``kl_coef``; ``adaptive`` is the proportional controller of Ziegler et al.
+    (2019): after each step the coefficient is multiplied by
+    ``1 + clip(kl / target_kl - 1, -0.2, 0.2) * batch_responses / horizon``.
+    """
+
+    type: str = "fixed"
+    kl_coef: float = 0.001
+    target_kl: float = 0.1
+    horizon: int = 10000
+
+
+@dataclass
+class FilterGroupsConfig:
+    """DAPO's dynamic sampling: keep only prompt groups whose rewards differ, and generate again
+    with new prompts until ``data.train_batch_size`` groups are kept or ``max_num_gen_batches``
+    generation rounds have run (then train on what was kept)."""
+
+    enable: bool = False
+    # "score": the rule reward; "seq_reward": the sequence's total shaped reward (overlong
+    # penalty included).
+    metric: str = "score"
+    max_num_gen_batches: int = 10
 
 
 @dataclass
@@ -142,6 +209,29 @@ class AlgorithmConfig:
     norm_adv_by_std_in_grpo: bool = True
     gamma: float = 1.0
     lam: float = 1.0
+    # Subtract kl_ctrl.value * KL(policy || ref) from each token's reward (classic RLHF PPO).
+    use_kl_in_reward: bool = False
+    kl_penalty: str = "k1"
+    kl_ctrl: KLControlConfig = field(default_factory=KLControlConfig)
+    filter_groups: FilterGroupsConfig = field(default_factory=FilterGroupsConfig)
+
+
+@dataclass
+class DPOConfig:
+    """Offline preference optimisation (``trainer.algorithm=dpo``).
+
+    Each step takes ``data.train_batch_size`` (prompt, chosen, rejected) pairs and makes one
+    optimiser step on the actor; the frozen ``ref`` group supplies reference log-probs.
+    """
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    # Conservative DPO / robust DPO: the assumed rate of flipped preference labels.
+    label_smoothing: float = 0.0
+    # Weight of an NLL (SFT) term on the chosen answer, averaged over its tokens.
+    sft_loss_coef: float = 0.0
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
 
 
 @dataclass
@@ -155,6 +245,14 @@ class TrainerConfig:
     seed: int = 1
     logger: List[str] = field(default_factory=lambda: ["console"])
     progress_bar: bool = True
+    # "rl": on-policy RL (GRPO, PPO, RLOO, ... picked by algorithm.adv_estimator);
+    # "dpo": offline preference optimisation.
+    algorithm: str = "rl"
+    # PPO: train only the critic for this many steps before the actor starts to move.
+    critic_warmup: int = 0
+    # Validation (DPO: held-out preference accuracy) every test_freq steps; 0 turns it off.
+    test_freq: int = 0
+    val_before_train: bool = True
 
 
 @dataclass
@@ -165,6 +263,8 @@ class RLFlowConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     ref: RefConfig = field(default_factory=RefConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

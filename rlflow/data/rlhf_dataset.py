@@ -159,7 +159,8 @@ def normalise_data_files(data_files: Any) -> list[str]:
     return files
 
 
-def _messages_ok(messages: Any) -> bool:
+def is_chat_messages(messages: Any) -> bool:
+    """True for a non-empty list of ``{"role": str, "content": str, ...}`` mappings."""
     return isinstance(messages, list) and len(messages) > 0 and all(
         isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
         for m in messages
@@ -413,7 +414,7 @@ class RLHFDataset(Dataset):
     def _encode_checked(self, encoder: ChatEncoder, start: int, chunk: Sequence[Any]) -> tuple[list[str], list[list[int]]]:
         """Validate a chunk's messages (naming the row on error), then render and tokenise it."""
         for offset, messages in enumerate(chunk):
-            if not _messages_ok(messages):
+            if not is_chat_messages(messages):
                 raise DataError(
                     f"{self._where(start + offset)}: column {self.prompt_key!r} must be a non-empty "
                     f"list of {{'role': str, 'content': str}} messages, got {messages!r:.200}"

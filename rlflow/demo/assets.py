@@ -235,6 +235,10 @@ def build_demo_model(tokenizer):
 def _write_model(folder: Path) -> None:
     tokenizer = build_demo_tokenizer()
     model = build_demo_model(tokenizer)
+    from transformers.utils import logging as hf_logging
+
+    # Progress bars for a 1 MB model are noise on the console (and in one-line error output).
+    hf_logging.disable_progress_bar()
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
 

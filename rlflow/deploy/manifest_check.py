@@ -10,8 +10,8 @@ Two layers, both without a cluster:
 2. **Operator rules** the schema cannot express, mirroring the KubeRay operator's own checks
    (``ray-operator/controllers/ray/utils/validation.go``): a RayJob needs ``rayClusterSpec`` or
    ``clusterSelector``; a positive ``ttlSecondsAfterFinished`` needs
-   ``shutdownAfterJobFinishes: true``; ``minReplicas <= replicas <= maxReplicas`` (and both
-   bounds are required unless in-tree autoscaling is on); every group has a container;
+   ``shutdownAfterJobFinishes: true``; ``minReplicas <= replicas <= maxReplicas`` and none is
+   negative; every group has a container;
    ``submissionMode`` is a known mode; token auth needs ``rayVersion >= 2.52.0``; names are
    DNS-1035 labels short enough for the names the operator derives from them.
 
@@ -53,6 +53,7 @@ MIN_TOKEN_AUTH_RAY_VERSION = (2, 52, 0)
 MAX_NAME_LENGTH = {"RayCluster": 53, "RayJob": 47}
 _DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _MAX_MESSAGE = 240
+_REPLICA_ORDER = "need minReplicas <= replicas <= maxReplicas"
 
 PathLike = Union[str, os.PathLike]
 
@@ -210,7 +211,7 @@ def validate_manifest(doc: Any, crd_dir: Optional[PathLike] = None) -> list[str]
     if not isinstance(doc, Mapping):
         return [f"<root>: expected a mapping with apiVersion, kind, metadata and spec, got {type(doc).__name__}"]
     kind = doc.get("kind")
-    if kind not in schemas:
+    if not isinstance(kind, str) or kind not in schemas:
         return [f"kind: {kind!r} is not a KubeRay kind this checker knows; use one of {', '.join(sorted(schemas))}"]
 
     errors: list[str] = []
@@ -282,7 +283,8 @@ def _schema_errors(validator: Draft7Validator, doc: Mapping[str, Any], schema_na
     errors: list[str] = []
     for err in validator.iter_errors(doc):
         path = list(err.absolute_path)
-        if err.validator == "additionalProperties" and err.validator_value is False and isinstance(err.instance, Mapping):
+        closed = err.validator == "additionalProperties" and err.validator_value is False
+        if closed and isinstance(err.instance, Mapping):
             # One line per unknown key, with the path to the key itself and a spelling hint.
             known = sorted(err.schema.get("properties", {}))
             for extra in sorted(set(err.instance) - set(known), key=str):
@@ -350,28 +352,22 @@ def _cluster_rules(spec: Mapping[str, Any], where: str) -> list[str]:
             f"{where}.headGroupSpec.template.spec.containers: the head group needs at least one "
             "container (the Ray container comes first)"
         )
-    autoscaling = spec.get("enableInTreeAutoscaling") is True
     groups = spec.get("workerGroupSpecs")
     for index, group in enumerate(groups if isinstance(groups, list) else []):
         if isinstance(group, Mapping):
-            errors.extend(_worker_group_rules(group, f"{where}.workerGroupSpecs[{index}]", autoscaling))
+            errors.extend(_worker_group_rules(group, f"{where}.workerGroupSpecs[{index}]"))
     if _get(spec, "authOptions", "mode") == "token":
         errors.extend(_token_auth_rules(spec.get("rayVersion"), where))
     return errors
 
 
-def _worker_group_rules(group: Mapping[str, Any], where: str, autoscaling: bool) -> list[str]:
+def _worker_group_rules(group: Mapping[str, Any], where: str) -> list[str]:
+    # The v1.7.0 schema already requires minReplicas and maxReplicas, so only their values
+    # are checked here.
     errors: list[str] = []
     containers = _get(group, "template", "spec", "containers")
     if not isinstance(containers, list) or not containers:
         errors.append(f"{where}.template.spec.containers: a worker group needs at least one container")
-    if not autoscaling:
-        missing = [key for key in ("minReplicas", "maxReplicas") if key not in group]
-        if missing:
-            errors.append(
-                f"{where}.{missing[0]}: missing; without enableInTreeAutoscaling: true KubeRay needs "
-                "both minReplicas and maxReplicas"
-            )
     low, count, high = (group.get(key) for key in ("minReplicas", "replicas", "maxReplicas"))
     for key, value in (("minReplicas", low), ("replicas", count), ("maxReplicas", high)):
         if _is_int(value) and value < 0:
@@ -379,9 +375,9 @@ def _worker_group_rules(group: Mapping[str, Any], where: str, autoscaling: bool)
     if _is_int(low) and _is_int(high) and low > high:
         errors.append(f"{where}.minReplicas: {low} is greater than maxReplicas {high}; need minReplicas <= maxReplicas")
     if _is_int(count) and _is_int(low) and count < low:
-        errors.append(f"{where}.replicas: {count} is below minReplicas {low}; need minReplicas <= replicas <= maxReplicas")
+        errors.append(f"{where}.replicas: {count} is below minReplicas {low}; {_REPLICA_ORDER}")
     if _is_int(count) and _is_int(high) and count > high:
-        errors.append(f"{where}.replicas: {count} is above maxReplicas {high}; need minReplicas <= replicas <= maxReplicas")
+        errors.append(f"{where}.replicas: {count} is above maxReplicas {high}; {_REPLICA_ORDER}")
     return errors
 
 
@@ -389,7 +385,9 @@ def _token_auth_rules(ray_version: Any, where: str) -> list[str]:
     need = ".".join(map(str, MIN_TOKEN_AUTH_RAY_VERSION))
     parsed = _parse_version(ray_version)
     if parsed is None:
-        return [f"{where}.rayVersion: authOptions.mode 'token' needs rayVersion set to the image's Ray version (>= {need})"]
+        return [
+            f"{where}.rayVersion: authOptions.mode 'token' needs rayVersion set to the image's Ray version (>= {need})"
+        ]
     if parsed < MIN_TOKEN_AUTH_RAY_VERSION:
         return [f"{where}.rayVersion: authOptions.mode 'token' needs Ray >= {need}, got {ray_version!r}"]
     return []

@@ -269,8 +269,14 @@ class WorkerGroup:
         return {str(k): str(v) for k, v in env_vars.items()}
 
     def _master_endpoint(self) -> tuple[str, int]:
-        # Ask a process on rank 0's bundle rather than the driver: the driver may sit on
-        # another node, or outside the cluster (Ray client).
+        """Rank 0's node IP and a port free there, for the torch.distributed rendezvous."""
+        if not ray.util.client.ray.is_connected() and (
+            self.pool.node_ids()[0] == ray.get_runtime_context().get_node_id()
+        ):
+            # Rank 0 lands on the driver's node: the driver can answer without a task.
+            return Worker.get_node_ip(), Worker.get_free_port()
+        # Otherwise ask a process on rank 0's bundle: the driver is on another node, or
+        # outside the cluster altogether (Ray client).
         probe = _probe_endpoint.options(scheduling_strategy=self.pool.bundle(0))
         try:
             ip, port = ray.get(probe.remote(), timeout=120)

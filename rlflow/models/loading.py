@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from rlflow.demo.assets import resolve_demo_path
 from rlflow.errors import ConfigError
@@ -50,6 +51,8 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def load_causal_lm(model_cfg: Any, device: torch.device | str = "cpu") -> torch.nn.Module:
     path = resolve_model_path(model_cfg.path)
+    # One "Loading weights" bar per worker per role floods the driver's console through Ray.
+    hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=torch_dtype(model_cfg.dtype),

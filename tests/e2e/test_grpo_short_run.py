@@ -15,7 +15,7 @@ pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_grpo_three_steps_through_ray(ray_session, tmp_path):
+def test_grpo_three_steps_through_ray(ray_cluster, tmp_path):
     out = tmp_path / "run"
     cfg = rlflow.compose_config(
         "grpo",
@@ -51,7 +51,7 @@ def test_grpo_three_steps_through_ray(ray_session, tmp_path):
     assert (out / "config.yaml").is_file()
 
 
-def test_readme_python_snippet_runs(ray_session, tmp_path, monkeypatch):
+def test_readme_python_snippet_runs(ray_cluster, tmp_path, monkeypatch):
     readme = (REPO / "README.md").read_text()
     section = readme.split("## The same run from Python", 1)[1]
     snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)

@@ -17,6 +17,7 @@ from rlflow.distributed.worker_group import (
     WorkerCallError,
     WorkerDiedError,
     WorkerGroup,
+    _probe_endpoint,
 )
 from rlflow.errors import ClusterError
 from rlflow.workers.base import Worker
@@ -46,7 +47,7 @@ class EchoWorker(Worker):
 
     def env(self) -> dict:
         keys = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
-                "RAY_AUTH_MODE", "HOME"]
+                "RAY_AUTH_MODE", "HOME", "RLFLOW_TEST_FLAG"]
         return {**{k: os.environ.get(k) for k in keys}, "torch_threads": torch.get_num_threads()}
 
     def transform(self, batch: BatchedDataDict) -> BatchedDataDict:
@@ -78,7 +79,9 @@ class EchoWorker(Worker):
 @pytest.fixture(scope="module")
 def group(ray_cluster):
     pool = ResourcePool("echo", num_workers=2, cpus_per_worker=0.5)
-    wg = WorkerGroup(EchoWorker, "echo", pool, init_kwargs={"scale": 2.0})
+    wg = WorkerGroup(
+        EchoWorker, "echo", pool, init_kwargs={"scale": 2.0}, env_vars={"RLFLOW_TEST_FLAG": "on"}
+    )
     yield wg
     wg.shutdown()
 
@@ -105,11 +108,28 @@ def test_ranks_environment_and_thread_limits(group):
     assert [e["OMP_NUM_THREADS"] for e in envs] == ["1", "1"]
     assert [e["torch_threads"] for e in envs] == [1, 1]
     assert [e["RAY_AUTH_MODE"] for e in envs] == ["disabled", "disabled"]
+    assert [e["RLFLOW_TEST_FLAG"] for e in envs] == ["on", "on"]
     # Explicit auth mode: ray.init wrote no token into Ray's (private) HOME.
     assert not os.path.exists(os.path.join(envs[0]["HOME"], ".ray", "auth_token"))
 
     assert group.call_rank0("ping") == 0
     assert ray.get(group.call_all_async("ping")) == [0, 1]
+
+
+def test_rendezvous_probe_reports_rank0_node(group):
+    # The path taken when rank 0 is not on the driver's node (multi-node, Ray client).
+    ip, port = ray.get(_probe_endpoint.options(scheduling_strategy=group.pool.bundle(0)).remote())
+    assert ip == group.workers_info()[0]["ip"]
+    assert isinstance(port, int) and 0 < port < 65536
+
+
+def test_group_rejects_env_vars_it_owns(ray_cluster):
+    pool = ResourcePool("envcheck", num_workers=1, cpus_per_worker=0.25)
+    try:
+        with pytest.raises(ValueError, match=r"env_vars must not set \['MASTER_PORT', 'RANK'\]"):
+            WorkerGroup(EchoWorker, "envcheck", pool, env_vars={"RANK": "3", "MASTER_PORT": "1"})
+    finally:
+        pool.remove()
 
 
 def test_gloo_all_reduce(group):
@@ -157,9 +177,11 @@ def test_call_sharded_metrics_and_async(group):
 
 
 def test_errors_name_role_rank_and_method(group):
-    with pytest.raises(WorkerCallError, match=r"role 'echo', rank 0\) raised in 'fail': KeyError") as info:
+    # Both ranks raise; whichever answers first is reported.
+    with pytest.raises(WorkerCallError, match=r"role 'echo', rank [01]\) raised in 'fail': KeyError") as info:
         group.call_all("fail")
-    assert (info.value.role, info.value.method) == ("echo", "fail")
+    assert (info.value.role, info.value.method) == ("echo", "fail") and info.value.rank in (0, 1)
+    assert isinstance(info.value.__cause__, ray.exceptions.RayTaskError)
     with pytest.raises(AttributeError, match="role 'echo' workers \\(EchoWorker\\) have no public method 'nope'"):
         group.call_all("nope")
     with pytest.raises(TypeError, match="returned a dict, not a batch|not a batch"):

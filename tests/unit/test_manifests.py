@@ -43,12 +43,12 @@ def load(path: Path) -> dict[str, Any]:
 
 
 @pytest.fixture
-def rayjob(crd_dir: Path) -> dict[str, Any]:
+def rayjob() -> dict[str, Any]:
     return load(RAYJOB)
 
 
 @pytest.fixture
-def raycluster(crd_dir: Path) -> dict[str, Any]:
+def raycluster() -> dict[str, Any]:
     return load(RAYCLUSTER)
 
 
@@ -117,7 +117,15 @@ GROUP = "spec.rayClusterSpec.workerGroupSpecs[0]"
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
-        (_rename_shutdown, ["spec.shutdownAfterJobFinish: unknown field; did you mean 'shutdownAfterJobFinishes'?"]),
+        (
+            # The misspelt key would be pruned by the API server, leaving the TTL without effect.
+            _rename_shutdown,
+            [
+                "spec.shutdownAfterJobFinish: unknown field; did you mean 'shutdownAfterJobFinishes'?",
+                "spec.ttlSecondsAfterFinished: only takes effect with shutdownAfterJobFinishes: true; "
+                "set spec.shutdownAfterJobFinishes: true or remove the TTL",
+            ],
+        ),
         (_replicas_word, [f"{GROUP}.replicas: 'two' is not of type 'integer'"]),
         (
             _min_above_max,
@@ -178,7 +186,8 @@ def test_nested_typos_and_types_in_pod_templates(rayjob: dict[str, Any], crd_dir
     worker_path = f"{GROUP}.template.spec.containers[0]"
     errors = validate_manifest(rayjob, crd_dir)
     assert f"{worker_path}.env[0].value: 1 is not of type 'string'" in errors
-    assert any(e.startswith(f"{worker_path}.resources.limits['nvidia.com/gpu']: '4 GPUs' does not match") for e in errors)
+    gpu_limit = f"{worker_path}.resources.limits['nvidia.com/gpu']"
+    assert any(e.startswith(f"{gpu_limit}: '4 GPUs' does not match") for e in errors)
     assert f"{worker_path}.volumeMount: unknown field; did you mean 'volumeMounts'?" in errors
     assert len(errors) == 3
 
@@ -199,14 +208,9 @@ def test_raycluster_replica_rules(raycluster: dict[str, Any], crd_dir: Path) -> 
     group["replicas"] = 0
     group["minReplicas"] = -1
     assert validate_manifest(raycluster, crd_dir) == ["spec.workerGroupSpecs[0].minReplicas: must be >= 0, got -1"]
-    # Without in-tree autoscaling KubeRay needs both bounds.
     group["minReplicas"] = 0
-    raycluster["spec"]["enableInTreeAutoscaling"] = False
     del group["maxReplicas"]
-    assert validate_manifest(raycluster, crd_dir) == [
-        "spec.workerGroupSpecs[0].maxReplicas: missing; without enableInTreeAutoscaling: true KubeRay "
-        "needs both minReplicas and maxReplicas"
-    ]
+    assert validate_manifest(raycluster, crd_dir) == ["spec.workerGroupSpecs[0]: 'maxReplicas' is a required property"]
 
 
 def test_worker_group_needs_a_container(raycluster: dict[str, Any], crd_dir: Path) -> None:
@@ -242,18 +246,25 @@ def test_header_errors(rayjob: dict[str, Any], crd_dir: Path) -> None:
     ]
     rayjob["metadata"]["name"] = "RLflow_GRPO"
     assert validate_manifest(rayjob, crd_dir) == [
-        "metadata.name: 'RLflow_GRPO' is not a DNS-1035 label; use lowercase letters, digits and '-', starting with a letter"
+        "metadata.name: 'RLflow_GRPO' is not a DNS-1035 label; use lowercase letters, digits and '-', "
+        "starting with a letter"
     ]
     rayjob["kind"] = "RayService"
     assert validate_manifest(rayjob, crd_dir) == [
         "kind: 'RayService' is not a KubeRay kind this checker knows; use one of RayCluster, RayJob"
+    ]
+    rayjob["kind"] = ["RayJob"]
+    assert validate_manifest(rayjob, crd_dir) == [
+        "kind: ['RayJob'] is not a KubeRay kind this checker knows; use one of RayCluster, RayJob"
     ]
     assert validate_manifest(["not", "a", "mapping"], crd_dir) == [
         "<root>: expected a mapping with apiVersion, kind, metadata and spec, got list"
     ]
 
 
-def test_validate_file_reports_each_document(tmp_path: Path, rayjob: dict[str, Any], raycluster: dict[str, Any], crd_dir: Path) -> None:
+def test_validate_file_reports_each_document(
+    tmp_path: Path, rayjob: dict[str, Any], raycluster: dict[str, Any], crd_dir: Path
+) -> None:
     raycluster["spec"]["workerGroupSpecs"][0]["replicas"] = 9
     both = tmp_path / "both.yaml"
     both.write_text(yaml.safe_dump_all([rayjob, raycluster]))
@@ -330,7 +341,11 @@ def test_strict_schema_extensions() -> None:
         "properties": {
             "quantity": {"x-kubernetes-int-or-string": True, "type": "string"},
             "port": {"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True},
-            "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {"k": {"type": "string"}}},
+            "free": {
+                "type": "object",
+                "x-kubernetes-preserve-unknown-fields": True,
+                "properties": {"k": {"type": "string"}},
+            },
             "maybe": {"type": "string", "nullable": True, "enum": ["a", "b"]},
         },
     }
@@ -443,5 +458,6 @@ def test_raycluster_contract(raycluster: dict[str, Any]) -> None:
     assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
     assert spec["enableInTreeAutoscaling"] is True
     (group,) = spec["workerGroupSpecs"]
-    assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"] and group["minReplicas"] < group["maxReplicas"]
+    assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    assert group["minReplicas"] < group["maxReplicas"]  # room to scale
     assert int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) >= 1

@@ -291,3 +291,251 @@ def test_collate_stacks_tensors_and_lists_the_rest(tmp_path, tokenizer):
         collate_fn([])
     with pytest.raises(ValueError, match="row 1"):
         collate_fn([items[0], {"input_ids": items[1]["input_ids"]}])
+
+
+# --------------------------------------------------------------------------- jsonl, several files
+
+
+def write_jsonl(path, rows) -> str:
+    import json
+
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def test_jsonl_gives_the_same_items_as_parquet(tmp_path, tokenizer):
+    rows = [row(c, i) for i, c in enumerate(["1=", "22+3=", "4*5="])]
+    from_parquet = RLHFDataset(write(tmp_path / "d.parquet", rows), tokenizer, max_prompt_length=10)
+    from_jsonl = RLHFDataset(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer, max_prompt_length=10)
+    assert len(from_jsonl) == 3
+    for i in range(3):
+        a, b = from_parquet[i], from_jsonl[i]
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], torch.Tensor):
+                assert torch.equal(a[key], b[key]), key
+            else:
+                assert a[key] == b[key], key
+    assert from_jsonl[1]["raw_prompt_ids"] == expected_prompt_ids("22+3=")
+
+
+def test_parquet_and_jsonl_files_concatenate(tmp_path, tokenizer):
+    a = write(tmp_path / "a.parquet", [row("1=", 0), row("2=", 1)])
+    b = write_jsonl(tmp_path / "b.jsonl", [row("3=", 0, source="math"), row("4=", 1, source="math")])
+    ds = RLHFDataset([b, a], tokenizer, max_prompt_length=8)
+    assert [ds[i]["raw_prompt_ids"] for i in range(4)] == [expected_prompt_ids(c) for c in ["3=", "4=", "1=", "2="]]
+    assert [ds[i]["index"] for i in range(4)] == [0, 1, 2, 3]
+    assert [ds[i]["data_source"] for i in range(4)] == ["math", "math", "arithmetic", "arithmetic"]
+
+
+def test_jsonl_blank_lines_are_skipped_and_missing_optional_keys_are_none(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": [{"role": "user", "content": "1="}]}\n\n{"prompt": [{"role": "user", "content": "2="}], "data_source": "x"}\n')
+    ds = RLHFDataset(str(path), tokenizer, max_prompt_length=8)
+    assert len(ds) == 2
+    assert ds[0]["data_source"] is None and ds[0]["extra_info"] is None and ds[0]["tools_kwargs"] == {}
+    assert ds[1]["data_source"] == "x"
+
+
+def test_errors_name_the_file_at_fault(tmp_path, tokenizer):
+    good = write(tmp_path / "good.parquet", [row("1=")])
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"prompt": [{"role": "user", "content": "1="}]}\n{"prompt": [\n')
+    with pytest.raises(ValueError, match=r"line 2 of data file .*bad.jsonl.* not valid JSON") as info:
+        RLHFDataset([good, str(bad_json)], tokenizer)
+    assert "\n" not in str(info.value)
+
+    not_object = tmp_path / "list.jsonl"
+    not_object.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match=r"line 1 of data file .*list.jsonl.* JSON list.*one JSON object"):
+        RLHFDataset([good, str(not_object)], tokenizer)
+
+    no_prompt = write_jsonl(tmp_path / "np.jsonl", [row("1="), {"question": "2="}])
+    with pytest.raises(ValueError, match=r"line 2 of data file .*np.jsonl.* no column 'prompt'.*data.prompt_key"):
+        RLHFDataset([good, no_prompt], tokenizer)
+
+    other = write(tmp_path / "other.parquet", [{"question": [{"role": "user", "content": "1="}]}])
+    with pytest.raises(ValueError, match=r"other.parquet.*no column 'prompt'"):
+        RLHFDataset([good, other], tokenizer)
+
+    csv = tmp_path / "d.csv"
+    csv.write_text("prompt\n1=\n")
+    with pytest.raises(ValueError, match=r"d.csv.*extension '.csv'.*\.parquet and \.jsonl"):
+        RLHFDataset([good, str(csv)], tokenizer)
+
+    bad_row = write_jsonl(tmp_path / "rows.jsonl", [row("1="), {"prompt": "2="}])
+    with pytest.raises(ValueError, match=r"row 1 of .*rows.jsonl.*column 'prompt'"):
+        RLHFDataset([good, bad_row], tokenizer)
+
+
+def test_unknown_role_is_a_one_line_data_error(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": [{"role": "tool", "content": "1"}]}])
+    with pytest.raises(ValueError, match=r"chat template: unsupported role tool") as info:
+        RLHFDataset(path, tokenizer)
+    assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- max_samples, extra outputs
+
+
+def test_max_samples_keeps_the_first_rows_after_filtering(tmp_path, tokenizer):
+    contents = ["1=", "1234567890=", "2=", "3=", "4="]
+    path = write(tmp_path / "d.parquet", [row(c, i) for i, c in enumerate(contents)])
+    ds = RLHFDataset(path, tokenizer, max_prompt_length=6, max_samples=3)
+    assert len(ds) == 3
+    assert [ds[i]["index"] for i in range(3)] == [0, 2, 3]
+    assert ds.num_dropped == 1
+    assert len(RLHFDataset(path, tokenizer, max_prompt_length=6, max_samples=-1)) == 4
+    assert len(RLHFDataset(path, tokenizer, max_prompt_length=6, max_samples=10)) == 4
+
+
+def test_max_samples_stops_tokenising_early(tmp_path, tokenizer, monkeypatch):
+    import rlflow.data.rlhf_dataset as module
+
+    monkeypatch.setattr(module, "_TOKENIZE_CHUNK", 4)
+    path = write(tmp_path / "d.parquet", [row(f"{i}=", i) for i in range(40)])
+    counting = CountingTokenizer(tokenizer)
+    ds = RLHFDataset(path, counting, max_prompt_length=8, max_samples=6)
+    assert [ds[i]["index"] for i in range(6)] == list(range(6))
+    assert counting.template_calls == 2  # chunks [0, 4) and [4, 8) only, not all 10
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_max_samples_must_be_minus_one_or_positive(tmp_path, tokenizer, bad):
+    path = write(tmp_path / "d.parquet", [row("1=")])
+    with pytest.raises(ValueError, match="max_samples"):
+        RLHFDataset(path, tokenizer, max_samples=bad)
+
+
+def test_return_full_prompt_is_the_rendered_text(tmp_path, tokenizer):
+    messages = [{"role": "system", "content": "0"}, {"role": "user", "content": "1+1="}]
+    path = write(tmp_path / "d.parquet", [{**row("x"), "prompt": messages}, row("12345=", 1)])
+    ds = RLHFDataset(
+        path, tokenizer, max_prompt_length=5, return_full_prompt=True,
+        filter_overlong_prompts=False, truncation="left",
+    )
+    assert ds[0]["full_prompts"] == "<|system|>0<|end|><|user|>1+1=<|end|><|assistant|>"
+    # The text is the untruncated rendering, even when the ids are cut.
+    assert ds[1]["full_prompts"] == "<|user|>12345=<|end|><|assistant|>"
+    assert len(ds[1]["raw_prompt_ids"]) == 5
+    assert "full_prompts" not in RLHFDataset(path, tokenizer, max_prompt_length=16)[0]
+
+
+def test_extra_info_passes_through_with_index_and_tools_kwargs(tmp_path, tokenizer):
+    tools = {"calculator": {"create_kwargs": {"ground_truth": "2"}}}
+    rows = [
+        {**row("1+1=", 0), "extra_info": {"split": "train", "index": 41, "tools_kwargs": tools}},
+        {**row("2=", 1), "extra_info": {"split": "train", "index": 42}},
+    ]
+    for path in (write(tmp_path / "d.parquet", rows), write_jsonl(tmp_path / "d.jsonl", rows)):
+        ds = RLHFDataset(path, tokenizer, max_prompt_length=8)
+        first, second = ds[0], ds[1]
+        assert first["extra_info"]["index"] == 41 and second["extra_info"]["index"] == 42
+        assert first["extra_info"]["split"] == "train"
+        assert first["tools_kwargs"] == tools
+        assert second["tools_kwargs"] == {}
+        assert (first["index"], second["index"]) == (0, 1)
+        batch = collate_fn([first, second])
+        assert batch["tools_kwargs"] == [tools, {}]
+
+
+# --------------------------------------------------------------------------- parallel tokenisation
+
+
+class ThreadRecordingTokenizer(CountingTokenizer):
+    def __init__(self, inner):
+        super().__init__(inner)
+        import threading
+
+        self._lock = threading.Lock()
+        self.threads: set[int] = set()
+
+    def apply_chat_template(self, *args, **kwargs):
+        import threading
+
+        with self._lock:
+            self.threads.add(threading.get_ident())
+        return super().apply_chat_template(*args, **kwargs)
+
+
+@pytest.mark.parametrize("filter_overlong", [True, False])
+def test_parallel_tokenisation_equals_serial(tmp_path, tokenizer, monkeypatch, filter_overlong):
+    import random
+    import threading
+
+    import rlflow.data.rlhf_dataset as module
+
+    monkeypatch.setattr(module, "_TOKENIZE_CHUNK", 7)
+    rng = random.Random(0)
+    contents = ["".join(rng.choice("0123456789+-*=") for _ in range(rng.randint(1, 20))) for _ in range(100)]
+    path = write(tmp_path / "d.parquet", [row(c, i) for i, c in enumerate(contents)])
+    kwargs = dict(
+        max_prompt_length=16, filter_overlong_prompts=filter_overlong, truncation="middle",
+        return_full_prompt=True, max_samples=90,
+    )
+    serial = RLHFDataset(path, tokenizer, **kwargs)
+    recording = ThreadRecordingTokenizer(tokenizer)
+    parallel = RLHFDataset(path, recording, filter_overlong_prompts_workers=3, **kwargs)
+    assert threading.get_ident() not in recording.threads  # chunks ran on pool threads
+    assert len(parallel) == len(serial) and parallel.num_dropped == serial.num_dropped
+    if filter_overlong:
+        assert serial.num_dropped > 0
+    for i in range(len(serial)):
+        a, b = serial[i], parallel[i]
+        for key in a:
+            if isinstance(a[key], torch.Tensor):
+                assert torch.equal(a[key], b[key]), (i, key)
+            else:
+                assert a[key] == b[key], (i, key)
+    # and both equal a direct per-row rendering
+    kept = [i for i, c in enumerate(contents) if not filter_overlong or len(expected_prompt_ids(c)) <= 16][:90]
+    assert [serial[j]["index"] for j in range(len(serial))] == kept
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True])
+def test_workers_must_be_a_positive_int(tmp_path, tokenizer, bad):
+    path = write(tmp_path / "d.parquet", [row("1=")])
+    with pytest.raises(ValueError, match="filter_overlong_prompts_workers"):
+        RLHFDataset(path, tokenizer, filter_overlong_prompts_workers=bad)
+
+
+def test_error_in_a_pool_chunk_surfaces(tmp_path, tokenizer, monkeypatch):
+    import rlflow.data.rlhf_dataset as module
+
+    monkeypatch.setattr(module, "_TOKENIZE_CHUNK", 2)
+    rows = [row(f"{i}=", i) for i in range(9)] + [{**row("x", 9), "prompt": []}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(ValueError, match=r"row 9 of .*d.jsonl"):
+        RLHFDataset(path, tokenizer, filter_overlong_prompts_workers=2)
+
+
+# --------------------------------------------------------------------------- the fast-tokenizer shortcut
+
+
+def test_chat_encoder_shortcut_matches_the_tokenizer_call(tokenizer):
+    from rlflow.data.rlhf_dataset import ChatEncoder
+
+    conversations = [
+        [{"role": "user", "content": "1+2="}],
+        [{"role": "system", "content": "<|end|> 9"}, {"role": "user", "content": "x?"}],  # special + unknown
+    ]
+    encoder = ChatEncoder(tokenizer)
+    texts, ids = encoder(conversations)
+    assert encoder._backend is not None  # the demo tokenizer is a fast tokenizer
+    assert ids == tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert ids[0] == expected_prompt_ids("1+2=")
+    assert ids[1] == [2, END, char_id(" "), char_id("9"), END, USER, 1, 1, END, ASSISTANT]  # x, ? -> <unk>
+
+
+def test_chat_encoder_falls_back_when_the_backend_truncates(tokenizer):
+    from rlflow.data.rlhf_dataset import ChatEncoder
+
+    tok = build_demo_tokenizer()
+    tok.backend_tokenizer.enable_truncation(max_length=3)
+    encoder = ChatEncoder(tok)
+    _, ids = encoder([[{"role": "user", "content": "12345="}]])
+    assert encoder._backend is None
+    assert ids[0] == expected_prompt_ids("12345=")  # not cut to 3 by the backend's own setting
+    assert ids == tok([tok.apply_chat_template([{"role": "user", "content": "12345="}], tokenize=False, add_generation_prompt=True)], add_special_tokens=False)["input_ids"]
