@@ -384,17 +384,13 @@ class RLHFDataset(Dataset):
             raise DataError(f"data files {files} contain no rows")
         self._file_starts = file_starts
 
-        kept, kept_ids, texts, examined = self._tokenize_and_filter(prompts)
+        kept, flat_ids, lengths, texts, examined = self._tokenize_and_filter(prompts)
         self.num_dropped = examined - len(kept)
-
-        lengths = torch.tensor([len(ids) for ids in kept_ids], dtype=torch.long)
-        # Kept rows' tokens live in one flat tensor (row j spans _starts[j] : _starts[j] +
-        # _lengths[j]): one allocation instead of a Python list or tensor per prompt.
-        self._flat_ids = torch.from_numpy(
-            np.fromiter(itertools.chain.from_iterable(kept_ids), dtype=np.int64, count=int(lengths.sum()))
-        )
-        self._starts = torch.cumsum(lengths, dim=0) - lengths
+        # Kept rows' tokens live in one flat int32 tensor (row j spans _starts[j] : _starts[j] +
+        # _lengths[j]): one allocation, half the size of int64, instead of a list per prompt.
+        self._flat_ids = flat_ids
         self._lengths = lengths
+        self._starts = torch.cumsum(lengths, dim=0) - lengths
         self._index = kept
         self._prompts = [prompts[i] for i in kept]
         self._data_sources = [data_sources[i] for i in kept]
@@ -421,17 +417,20 @@ class RLHFDataset(Dataset):
                 )
         return encoder(list(chunk))
 
-    def _tokenize_and_filter(self, prompts: list[Any]) -> tuple[list[int], list[list[int]], list[str], int]:
+    def _tokenize_and_filter(
+        self, prompts: list[Any]
+    ) -> tuple[list[int], torch.Tensor, torch.Tensor, list[str], int]:
         """Tokenise chunk by chunk, keeping rows that pass the length filter, up to max_samples.
 
-        Returns (kept global row numbers, their ids, their rendered texts (empty unless
-        return_full_prompt), number of rows examined).
+        Returns (kept global row numbers, their ids concatenated (int32), their lengths (long),
+        their rendered texts (empty unless return_full_prompt), number of rows examined).
         """
         encoder = ChatEncoder(self.tokenizer, self.apply_chat_template_kwargs)
         limit = self.max_samples if self.max_samples > 0 else len(prompts)
         max_len = self.max_prompt_length
         kept: list[int] = []
-        kept_ids: list[list[int]] = []
+        id_chunks: list[np.ndarray] = []
+        lengths: list[int] = []
         kept_texts: list[str] = []
         examined = 0
         shortest_dropped: int | None = None
@@ -443,6 +442,7 @@ class RLHFDataset(Dataset):
         )
         try:
             for start, (texts, ids) in chunks:
+                chunk_ids: list[list[int]] = []
                 for offset, row_ids in enumerate(ids):
                     if len(kept) >= limit:
                         break
@@ -461,9 +461,13 @@ class RLHFDataset(Dataset):
                                 "data.truncation to left/right/middle"
                             )
                     kept.append(start + offset)
-                    kept_ids.append(row_ids)
+                    chunk_ids.append(row_ids)
+                    lengths.append(n)
                     if self.return_full_prompt:
                         kept_texts.append(texts[offset])
+                # Packing each chunk right away frees its Python int lists before the next one.
+                count = sum(len(r) for r in chunk_ids)
+                id_chunks.append(np.fromiter(itertools.chain.from_iterable(chunk_ids), dtype=np.int32, count=count))
                 if len(kept) >= limit:
                     break
         finally:
@@ -474,7 +478,8 @@ class RLHFDataset(Dataset):
                 f"max_prompt_length={max_len} tokens (shortest: {shortest_dropped}); "
                 "raise data.max_prompt_length"
             )
-        return kept, kept_ids, kept_texts, examined
+        flat = torch.from_numpy(np.concatenate(id_chunks))
+        return kept, flat, torch.tensor(lengths, dtype=torch.long), kept_texts, examined
 
     def __len__(self) -> int:
         return len(self._index)
@@ -483,7 +488,7 @@ class RLHFDataset(Dataset):
         if not -len(self) <= i < len(self):
             raise IndexError(f"RLHFDataset index {i} out of range for {len(self)} rows")
         start = int(self._starts[i])
-        ids = self._flat_ids[start : start + int(self._lengths[i])]
+        ids = self._flat_ids[start : start + int(self._lengths[i])].long()
         input_ids, attention_mask = postprocess_data(
             ids.unsqueeze(0),
             torch.ones_like(ids).unsqueeze(0),

@@ -13,6 +13,8 @@ from omegaconf import DictConfig
 from rlflow.errors import ConfigError
 
 ROLLOUT_BACKENDS = ("hf",)
+TRAINER_ALGORITHMS = ("rl", "dpo")
+FILTER_METRICS = ("score", "seq_reward")
 POLICY_LOSSES = ("ppo_clip", "gspo")
 RECOMPUTE_MODES = ("auto", "always", "never")
 TRUNCATION_MODES = ("left", "right", "middle", "error")
@@ -38,37 +40,130 @@ def _positive(cfg: DictConfig, *keys: str) -> None:
             raise ConfigError(f"{key}={node} must be a positive number")
 
 
+def _non_negative(key: str, value: Any) -> None:
+    if value is None or value < 0:
+        raise ConfigError(f"{key}={value} must be >= 0")
+
+
 def check_config(cfg: DictConfig) -> None:
+    """Check a composed config for the trainer that ``trainer.algorithm`` selects."""
+    _one_of("trainer.algorithm", cfg.trainer.algorithm, TRAINER_ALGORITHMS)
+    _one_of("data.truncation", cfg.data.truncation, TRUNCATION_MODES)
+    for name in cfg.trainer.logger:
+        _one_of("trainer.logger", name, LOGGERS)
+    _non_negative("trainer.test_freq", cfg.trainer.test_freq)
+    if cfg.trainer.algorithm == "dpo":
+        check_dpo_config(cfg)
+    else:
+        check_rl_config(cfg)
+
+
+def check_rl_config(cfg: DictConfig) -> None:
     from rlflow.algorithms.advantages import ADVANTAGE_ESTIMATORS
-    from rlflow.algorithms.losses import AGG_MODES
+    from rlflow.algorithms.kl_control import KL_CONTROLLER_TYPES
+    from rlflow.algorithms.losses import AGG_MODES, KL_KINDS
 
     _one_of("rollout.backend", cfg.rollout.backend, ROLLOUT_BACKENDS)
     _one_of("algorithm.adv_estimator", cfg.algorithm.adv_estimator, ADVANTAGE_ESTIMATORS)
     _one_of("actor.loss_agg_mode", cfg.actor.loss_agg_mode, AGG_MODES)
     _one_of("actor.policy_loss", cfg.actor.policy_loss, POLICY_LOSSES)
     _one_of("actor.recompute_old_log_prob", cfg.actor.recompute_old_log_prob, RECOMPUTE_MODES)
-    _one_of("data.truncation", cfg.data.truncation, TRUNCATION_MODES)
-    for name in cfg.trainer.logger:
-        _one_of("trainer.logger", name, LOGGERS)
     _positive(
         cfg,
         "data.train_batch_size", "data.max_prompt_length", "data.max_response_length", "rollout.n",
         "actor.num_workers", "actor.ppo_mini_batch_size", "actor.ppo_micro_batch_size_per_worker",
         "actor.ppo_epochs", "rollout.num_workers", "ref.num_workers", "reward.num_workers",
     )
+    _check_mini_batches(cfg, "actor")
+    _non_negative("trainer.critic_warmup", cfg.trainer.critic_warmup)
 
+    alg = cfg.algorithm
+    if alg.use_kl_in_reward:
+        _one_of("algorithm.kl_penalty", alg.kl_penalty, KL_KINDS)
+        _one_of("algorithm.kl_ctrl.type", alg.kl_ctrl.type, KL_CONTROLLER_TYPES)
+        _non_negative("algorithm.kl_ctrl.kl_coef", alg.kl_ctrl.kl_coef)
+        if alg.kl_ctrl.type == "adaptive":
+            _positive(cfg, "algorithm.kl_ctrl.target_kl", "algorithm.kl_ctrl.horizon")
+        if cfg.actor.recompute_old_log_prob == "never":
+            raise ConfigError(
+                "algorithm.use_kl_in_reward=true measures the KL on the sampling policy's "
+                "log-probs: set actor.recompute_old_log_prob=auto (or always)"
+            )
+    if alg.adv_estimator == "gae":
+        _one_of("critic.loss_agg_mode", cfg.critic.loss_agg_mode, AGG_MODES)
+        _positive(
+            cfg,
+            "critic.num_workers", "critic.ppo_mini_batch_size", "critic.ppo_micro_batch_size_per_worker",
+            "critic.forward_micro_batch_size_per_worker", "critic.ppo_epochs",
+        )
+        _non_negative("critic.cliprange_value", cfg.critic.cliprange_value)
+        _check_mini_batches(cfg, "critic")
+    elif cfg.trainer.critic_warmup > 0:
+        raise ConfigError(
+            f"trainer.critic_warmup={cfg.trainer.critic_warmup} needs a critic, which only "
+            "algorithm.adv_estimator=gae uses: set trainer.critic_warmup=0 or use gae"
+        )
+
+    fg = alg.filter_groups
+    if fg.enable:
+        _one_of("algorithm.filter_groups.metric", fg.metric, FILTER_METRICS)
+        _positive(cfg, "algorithm.filter_groups.max_num_gen_batches")
+        if int(cfg.rollout.n) < 2:
+            raise ConfigError(
+                "algorithm.filter_groups.enable=true needs rollout.n >= 2: a group of one "
+                "response has no reward spread to filter on"
+            )
+
+    ob = cfg.reward.overlong_buffer
+    if ob.enable:
+        max_len = int(cfg.data.max_response_length)
+        if not 0 < int(ob.len) <= max_len:
+            raise ConfigError(
+                f"reward.overlong_buffer.len={ob.len} must be in [1, data.max_response_length={max_len}] "
+                "when reward.overlong_buffer.enable=true"
+            )
+        _non_negative("reward.overlong_buffer.penalty_factor", ob.penalty_factor)
+
+
+def _check_mini_batches(cfg: DictConfig, role: str) -> None:
+    """``data.train_batch_size`` splits into ``<role>.ppo_mini_batch_size`` prompts, whose
+    responses split evenly over the role's workers."""
+    role_cfg = cfg[role]
     batch = int(cfg.data.train_batch_size)
-    mini = int(cfg.actor.ppo_mini_batch_size)
+    mini = int(role_cfg.ppo_mini_batch_size)
     if batch % mini:
         raise ConfigError(
-            f"data.train_batch_size={batch} is not divisible by actor.ppo_mini_batch_size={mini}: "
+            f"data.train_batch_size={batch} is not divisible by {role}.ppo_mini_batch_size={mini}: "
             f"use a mini-batch size from {_divisors(batch)}"
         )
     n = int(cfg.rollout.n)
-    workers = int(cfg.actor.num_workers)
+    workers = int(role_cfg.num_workers)
     if (mini * n) % workers:
         good = [d for d in _divisors(mini * n) if d <= 64]
         raise ConfigError(
-            f"actor.ppo_mini_batch_size x rollout.n = {mini}x{n} = {mini * n} responses cannot be "
-            f"split evenly over actor.num_workers={workers}: use actor.num_workers from {good}"
+            f"{role}.ppo_mini_batch_size x rollout.n = {mini}x{n} = {mini * n} responses cannot be "
+            f"split evenly over {role}.num_workers={workers}: use {role}.num_workers from {good}"
+        )
+
+
+def check_dpo_config(cfg: DictConfig) -> None:
+    from rlflow.algorithms.losses import DPO_LOSS_TYPES
+
+    dcfg = cfg.dpo
+    _one_of("dpo.loss_type", dcfg.loss_type, DPO_LOSS_TYPES)
+    _positive(
+        cfg,
+        "data.train_batch_size", "data.max_prompt_length", "data.max_response_length",
+        "actor.num_workers", "actor.ppo_micro_batch_size_per_worker", "ref.num_workers",
+        "dpo.beta",
+    )
+    if not 0.0 <= float(dcfg.label_smoothing) < 0.5:
+        raise ConfigError(f"dpo.label_smoothing={dcfg.label_smoothing} must be in [0, 0.5)")
+    _non_negative("dpo.sft_loss_coef", dcfg.sft_loss_coef)
+    batch = int(cfg.data.train_batch_size)
+    workers = int(cfg.actor.num_workers)
+    if batch % workers:
+        raise ConfigError(
+            f"data.train_batch_size={batch} preference pairs cannot be split evenly over "
+            f"actor.num_workers={workers}: use a batch size divisible by {workers}"
         )

@@ -1,11 +1,16 @@
-"""The single controller for on-policy RL (GRPO and its family).
+"""The single controller for on-policy RL: GRPO, Dr.GRPO, DAPO, RLOO, REINFORCE++ and PPO.
 
 The driver owns no model. Each step it moves one BatchedDataDict through the worker groups:
 
-    prompts -> rollout.generate -> reward.compute_reward -> actor.compute_log_prob (old)
-            -> ref.compute_log_prob -> advantages (here) -> actor.update_policy
-            -> weight sync actor -> rollout -> metrics
+    prompts -> rollout.generate -> reward.compute_reward (+ overlong shaping)
+            [-> keep groups with reward spread; generate again until the batch is full]
+            -> actor.compute_log_prob (old) -> ref.compute_log_prob -> critic.compute_values
+            -> KL penalty in the reward -> advantages (here) -> critic.update_critic
+            -> actor.update_policy -> weight sync actor -> rollout -> metrics
 
+Optional pieces switch on by config: the ref group when a KL term is on
+(``actor.use_kl_loss`` or ``algorithm.use_kl_in_reward``), the critic group for
+``algorithm.adv_estimator=gae``, dynamic sampling with ``algorithm.filter_groups.enable``.
 Read ``step`` top to bottom for the whole algorithm.
 """
 
@@ -17,12 +22,13 @@ import time
 import uuid
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from rlflow.algorithms.advantages import compute_advantages
+from rlflow.algorithms.kl_control import apply_kl_in_reward, build_kl_controller
+from rlflow.algorithms.reward_shaping import add_sequence_reward, overlong_penalty, varied_group_indices
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.data.prompt_batches import PromptBatches
 from rlflow.data.rlhf_dataset import RLHFDataset, collate_fn
@@ -30,14 +36,21 @@ from rlflow.demo.assets import resolve_demo_path
 from rlflow.distributed.ray_cluster import init_ray
 from rlflow.distributed.resource_pool import ResourcePool
 from rlflow.distributed.worker_group import WorkerGroup
+from rlflow.errors import ConfigError
 from rlflow.models.loading import load_tokenizer
-from rlflow.trainer.tracking import MetricsLog, PhaseTimer
 from rlflow.trainer.config_checks import check_config
+from rlflow.trainer.tracking import MetricsLog, PhaseTimer
+from rlflow.utils.torch_functional import masked_mean
+from rlflow.workers.critic import CriticWorker
 from rlflow.workers.policy import PolicyWorker
 from rlflow.workers.reward import RewardWorker
 from rlflow.workers.rollout.hf_rollout import HFRolloutWorker
 
 logger = logging.getLogger("rlflow")
+
+# Seeds of extra dynamic-sampling rounds are offset by this much per round, far from the
+# per-step seeds of round 0.
+_ROUND_SEED_STRIDE = 1_000_003
 
 
 def default_output_dir(cfg: DictConfig) -> str:
@@ -45,11 +58,24 @@ def default_output_dir(cfg: DictConfig) -> str:
     return os.path.abspath(os.path.join("outputs", cfg.trainer.experiment_name, stamp))
 
 
+def largest_divisor_at_most(n: int, cap: int) -> int:
+    """The largest divisor of ``n`` that is ``<= cap`` (at least 1)."""
+    for d in range(max(1, min(n, cap)), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
 class RLTrainer:
-    """Builds the worker groups for a config and runs GRPO-style training steps."""
+    """Builds the worker groups for a config and runs on-policy RL training steps."""
 
     def __init__(self, cfg: DictConfig) -> None:
         check_config(cfg)
+        if cfg.trainer.algorithm != "rl":
+            raise ConfigError(
+                f"RLTrainer runs trainer.algorithm=rl, got '{cfg.trainer.algorithm}': use "
+                "rlflow.build_trainer(cfg), which picks the trainer for the algorithm"
+            )
         self.cfg = cfg
         self.output_dir = os.path.abspath(cfg.trainer.output_dir or default_output_dir(cfg))
         os.makedirs(self.output_dir, exist_ok=True)
@@ -68,6 +94,13 @@ class RLTrainer:
         self.global_step = 0
         self.weight_version = 0
 
+        alg = cfg.algorithm
+        self.use_critic = alg.adv_estimator == "gae"
+        self.use_kl_in_reward = bool(alg.use_kl_in_reward)
+        self.use_ref = bool(cfg.actor.use_kl_loss) or self.use_kl_in_reward
+        # The controller lives in the driver: its coefficient is one number per step.
+        self.kl_ctrl = build_kl_controller(alg.kl_ctrl) if self.use_kl_in_reward else None
+
         init_ray(
             address=cfg.cluster.address,
             num_cpus=cfg.cluster.num_cpus,
@@ -77,9 +110,12 @@ class RLTrainer:
             namespace=cfg.cluster.namespace,
             runtime_env={"env_vars": dict(cfg.cluster.env_vars)} if cfg.cluster.env_vars else None,
         )
-        self.use_ref = bool(cfg.actor.use_kl_loss)
         self.groups: dict[str, WorkerGroup] = {}
-        self._build_worker_groups()
+        try:
+            self._build_worker_groups()
+        except BaseException:
+            self.close()
+            raise
         self._log_workers()
 
     # ----------------------------------------------------------------- set-up
@@ -96,10 +132,9 @@ class RLTrainer:
             apply_chat_template_kwargs=OmegaConf.to_container(dcfg.apply_chat_template_kwargs),
         )
 
-    def _optimizer_steps(self) -> int:
-        acfg = self.cfg.actor
-        per_step = (int(self.cfg.data.train_batch_size) // int(acfg.ppo_mini_batch_size)) * int(acfg.ppo_epochs)
-        return self.total_steps * per_step
+    def _optimizer_steps(self, role_cfg: Any, training_steps: int) -> int:
+        per_step = (int(self.cfg.data.train_batch_size) // int(role_cfg.ppo_mini_batch_size)) * int(role_cfg.ppo_epochs)
+        return max(1, training_steps * per_step)
 
     def _build_worker_groups(self) -> None:
         cfg = self.cfg
@@ -114,9 +149,16 @@ class RLTrainer:
             )
             return WorkerGroup(worker_cls, name, pool, init_kwargs={"config": plain, **kwargs})
 
-        self.groups["actor"] = group(PolicyWorker, "actor", cfg.actor, role="actor", total_steps=self._optimizer_steps())
+        actor_steps = self.total_steps - min(self.total_steps, int(cfg.trainer.critic_warmup)) if self.use_critic else self.total_steps
+        self.groups["actor"] = group(
+            PolicyWorker, "actor", cfg.actor, role="actor", total_steps=self._optimizer_steps(cfg.actor, actor_steps)
+        )
         if self.use_ref:
             self.groups["ref"] = group(PolicyWorker, "ref", cfg.ref, role="ref")
+        if self.use_critic:
+            self.groups["critic"] = group(
+                CriticWorker, "critic", cfg.critic, total_steps=self._optimizer_steps(cfg.critic, self.total_steps)
+            )
         self.groups["rollout"] = group(HFRolloutWorker, "rollout", cfg.rollout)
         self.groups["reward"] = group(RewardWorker, "reward", cfg.reward)
 
@@ -129,84 +171,195 @@ class RLTrainer:
             tqdm.write(line)
 
     # ----------------------------------------------------------------- one step
-    def _next_prompts(self) -> BatchedDataDict:
-        rows = [self.train_dataset[i] for i in self.batches.next_indices()]
-        return collate_fn(rows)
-
     def step(self) -> dict[str, Any]:
         """Run one training step and return its metrics (also appended to metrics.jsonl)."""
         cfg = self.cfg
         timer = PhaseTimer()
         step_start = time.perf_counter()
-        actor, rollout, reward = self.groups["actor"], self.groups["rollout"], self.groups["reward"]
+        metrics: dict[str, Any] = {"step": self.global_step + 1, "epoch": self.batches.epoch}
 
-        with timer.phase("data"):
-            prompts = self._next_prompts()
-            # One id per prompt: its n responses form a GRPO group.
-            prompts["uid"] = [str(uuid.uuid4()) for _ in range(prompts.size)]
-            batch = prompts.repeat_interleave(int(cfg.rollout.n))
+        # Rollouts with their scores; with dynamic sampling, only groups whose rewards differ.
+        batch, sampled = self._collect_batch(timer, metrics)
 
-        with timer.phase("gen"):
-            generated = rollout.call_sharded(
-                "generate", batch, seed=self.global_step, expected_weight_version=self.weight_version
-            )
-            batch.update(generated)
+        if batch is not None:
+            if self._needs_old_log_probs():
+                with timer.phase("old_log_prob"):
+                    batch["old_log_probs"] = self._log_probs("actor", batch)
 
-        with timer.phase("reward"):
-            batch.update(reward.call_sharded("compute_reward", batch))
+            if self.use_ref:
+                with timer.phase("ref"):
+                    batch["ref_log_probs"] = self._log_probs("ref", batch)
 
-        if self._needs_old_log_probs():
-            with timer.phase("old_log_prob"):
-                out = actor.call_sharded(
-                    "compute_log_prob", batch,
-                    micro_batch_size=int(cfg.actor.log_prob_micro_batch_size_per_worker),
+            if self.use_critic:
+                with timer.phase("values"):
+                    batch["values"] = self.groups["critic"].call_sharded("compute_values", batch)["values"]
+
+            with timer.phase("adv"):
+                if self.kl_ctrl is not None:
+                    rewards, kl_metrics = apply_kl_in_reward(
+                        batch["token_level_scores"], batch["old_log_probs"], batch["ref_log_probs"],
+                        batch["response_mask"], self.kl_ctrl, cfg.algorithm.kl_penalty,
+                    )
+                    batch["token_level_rewards"] = rewards
+                    metrics.update(kl_metrics)
+                else:
+                    batch["token_level_rewards"] = batch["token_level_scores"]
+                advantages, returns = compute_advantages(
+                    cfg.algorithm.adv_estimator,
+                    token_level_rewards=batch["token_level_rewards"],
+                    response_mask=batch["response_mask"],
+                    group_index=batch["uid"],
+                    values=batch["values"] if self.use_critic else None,
+                    norm_by_std=bool(cfg.algorithm.norm_adv_by_std_in_grpo),
+                    gamma=float(cfg.algorithm.gamma),
+                    lam=float(cfg.algorithm.lam),
                 )
-                batch["old_log_probs"] = out["log_probs"]
+                batch["advantages"], batch["returns"] = advantages, returns
 
-        if self.use_ref:
-            with timer.phase("ref"):
-                out = self.groups["ref"].call_sharded(
-                    "compute_log_prob", batch,
-                    micro_batch_size=int(cfg.ref.log_prob_micro_batch_size_per_worker),
-                )
-                batch["ref_log_probs"] = out["log_probs"]
+            if self.use_critic:
+                with timer.phase("update_critic"):
+                    rank_metrics = self.groups["critic"].call_sharded_metrics(
+                        "update_critic", self._critic_view(batch),
+                        mini_batch_size=self._per_worker_mini_batch(cfg.critic),
+                    )
+                    metrics.update(rank_metrics[0])  # reduced over ranks inside the update
 
-        with timer.phase("adv"):
-            batch["token_level_rewards"] = batch["token_level_scores"]
-            advantages, returns = compute_advantages(
-                cfg.algorithm.adv_estimator,
-                token_level_rewards=batch["token_level_rewards"],
-                response_mask=batch["response_mask"],
-                group_index=batch["uid"],
-                norm_by_std=bool(cfg.algorithm.norm_adv_by_std_in_grpo),
-                gamma=float(cfg.algorithm.gamma),
-                lam=float(cfg.algorithm.lam),
-            )
-            batch["advantages"], batch["returns"] = advantages, returns
-
-        with timer.phase("update_actor"):
-            mini_per_worker = int(cfg.actor.ppo_mini_batch_size) * int(cfg.rollout.n) // int(cfg.actor.num_workers)
-            rank_metrics = actor.call_sharded_metrics(
-                "update_policy", self._training_view(batch), mini_batch_size=mini_per_worker
-            )
-
-        with timer.phase("sync_weights"):
-            self._sync_weights()
+            # PPO's critic warm-up: the actor waits until the values mean something.
+            if not self.use_critic or self.global_step >= int(cfg.trainer.critic_warmup):
+                with timer.phase("update_actor"):
+                    rank_metrics = self.groups["actor"].call_sharded_metrics(
+                        "update_policy", self._training_view(batch),
+                        mini_batch_size=self._per_worker_mini_batch(cfg.actor),
+                    )
+                    metrics.update(rank_metrics[0])  # identical on every rank
+                with timer.phase("sync_weights"):
+                    self._sync_weights()
+            metrics.update(self._training_metrics(batch))
 
         self.global_step += 1
-        metrics: dict[str, Any] = {"step": self.global_step, "epoch": self.batches.epoch}
-        metrics.update(rank_metrics[0])  # identical on every rank: reduced inside the update
-        metrics.update(self._batch_metrics(batch))
+        metrics.update(self._rollout_metrics(sampled))
         metrics.update(timer.timings)
         step_time = time.perf_counter() - step_start
         metrics["timing/step_s"] = step_time
-        num_tokens = int(batch["attention_mask"].sum())
+        num_tokens = int(sampled["attention_mask"].sum())
         metrics["throughput/tokens_per_s"] = num_tokens / step_time
         metrics["weight_version"] = self.weight_version
         self.metrics.log(metrics)
         return metrics
 
+    # ----------------------------------------------------------------- rollouts
+    def _next_prompts(self) -> BatchedDataDict:
+        rows = [self.train_dataset[i] for i in self.batches.next_indices()]
+        return collate_fn(rows)
+
+    def _generate_and_score(self, timer: PhaseTimer, round_idx: int) -> BatchedDataDict:
+        """One generation round: the next prompt batch, ``rollout.n`` responses each, scored."""
+        cfg = self.cfg
+        with timer.phase("data"):
+            prompts = self._next_prompts()
+            # One id per prompt: its n responses form a group (GRPO, RLOO, dynamic sampling).
+            prompts["uid"] = [str(uuid.uuid4()) for _ in range(prompts.size)]
+            batch = prompts.repeat_interleave(int(cfg.rollout.n))
+
+        with timer.phase("gen"):
+            generated = self.groups["rollout"].call_sharded(
+                "generate", batch,
+                seed=self.global_step + round_idx * _ROUND_SEED_STRIDE,
+                expected_weight_version=self.weight_version,
+            )
+            batch.update(generated)
+
+        with timer.phase("reward"):
+            batch.update(self.groups["reward"].call_sharded("compute_reward", batch))
+            ob = cfg.reward.overlong_buffer
+            if ob.enable:
+                penalty = overlong_penalty(
+                    batch["response_mask"].sum(-1), int(cfg.data.max_response_length),
+                    int(ob.len), float(ob.penalty_factor),
+                )
+                batch["token_level_scores"] = add_sequence_reward(
+                    batch["token_level_scores"], batch["response_mask"], penalty
+                )
+                batch["overlong_penalty"] = penalty
+        return batch
+
+    def _collect_batch(
+        self, timer: PhaseTimer, metrics: dict[str, Any]
+    ) -> tuple[Optional[BatchedDataDict], BatchedDataDict]:
+        """Returns ``(training batch or None, every response sampled this step)``.
+
+        Without dynamic sampling both are the one generated batch. With it, each round keeps
+        the groups whose ``filter_groups.metric`` varies; rounds continue with new prompts
+        until ``data.train_batch_size`` groups are kept or ``max_num_gen_batches`` rounds
+        have run. The kept groups are then trimmed to the largest count the training workers
+        can split evenly (None when that is zero: no group carried a learning signal).
+        """
+        cfg = self.cfg
+        fcfg = cfg.algorithm.filter_groups
+        if not fcfg.enable:
+            batch = self._generate_and_score(timer, round_idx=0)
+            return batch, batch
+
+        n = int(cfg.rollout.n)
+        target = int(cfg.data.train_batch_size)
+        rounds: list[BatchedDataDict] = []
+        kept: list[BatchedDataDict] = []
+        num_kept = 0
+        while num_kept < target and len(rounds) < int(fcfg.max_num_gen_batches):
+            batch = self._generate_and_score(timer, round_idx=len(rounds))
+            rounds.append(batch)
+            signal = batch["scores"] if fcfg.metric == "score" else batch["token_level_scores"].sum(-1)
+            rows = varied_group_indices(batch["uid"], signal)
+            if rows:
+                kept.append(batch.select_indices(rows))
+                num_kept += len(rows) // n
+
+        num_groups = self._trainable_group_count(min(num_kept, target))
+        metrics["filter_groups/num_gen_batches"] = float(len(rounds))
+        metrics["filter_groups/num_kept_groups"] = float(num_kept)
+        metrics["filter_groups/num_train_groups"] = float(num_groups)
+        metrics["filter_groups/kept_ratio"] = num_kept / float(len(rounds) * target)
+        sampled = BatchedDataDict.from_batches(rounds)
+        if num_groups == 0:
+            return None, sampled
+        merged = BatchedDataDict.from_batches(kept)
+        return merged.select_indices(list(range(num_groups * n))), sampled
+
+    def _trainable_group_count(self, available: int) -> int:
+        """Largest ``k <= available`` whose ``k * rollout.n`` responses every training group can
+        split into equal per-rank shards and whole micro-batches."""
+        n = int(self.cfg.rollout.n)
+        roles = [self.cfg.actor] + ([self.cfg.critic] if self.use_critic else [])
+        for k in range(available, 0, -1):
+            if all(self._splittable(k * n, role_cfg) for role_cfg in roles):
+                return k
+        return 0
+
+    def _splittable(self, num_responses: int, role_cfg: Any) -> bool:
+        workers = int(role_cfg.num_workers)
+        if num_responses % workers:
+            return False
+        per_rank = num_responses // workers
+        micro = int(role_cfg.ppo_micro_batch_size_per_worker)
+        # Full mini-batches split as the config allows; a shorter last one must split too.
+        last = per_rank % self._per_worker_mini_batch(role_cfg)
+        return last == 0 or last <= micro or last % micro == 0
+
+    # ----------------------------------------------------------------- helpers
+    def _per_worker_mini_batch(self, role_cfg: Any) -> int:
+        return int(role_cfg.ppo_mini_batch_size) * int(self.cfg.rollout.n) // int(role_cfg.num_workers)
+
+    def _log_probs(self, role: str, batch: BatchedDataDict) -> torch.Tensor:
+        wg = self.groups[role]
+        role_cfg = self.cfg.actor if role == "actor" else self.cfg.ref
+        shard = -(-batch.size // wg.world_size)
+        # Micro-batches must tile the shard exactly; a filtered batch can have any size.
+        micro = largest_divisor_at_most(shard, int(role_cfg.log_prob_micro_batch_size_per_worker))
+        return wg.call_sharded("compute_log_prob", batch, micro_batch_size=micro)["log_probs"]
+
     def _needs_old_log_probs(self) -> bool:
+        if self.use_kl_in_reward:
+            return True  # the KL penalty in the reward is measured on the sampling policy
         mode = self.cfg.actor.recompute_old_log_prob
         if mode == "always":
             return True
@@ -223,30 +376,53 @@ class RLTrainer:
         keys += [k for k in ("old_log_probs", "ref_log_probs", "returns") if k in batch]
         return BatchedDataDict({k: batch[k] for k in keys})
 
+    @staticmethod
+    def _critic_view(batch: BatchedDataDict) -> BatchedDataDict:
+        keys = ["input_ids", "attention_mask", "position_ids", "responses", "response_mask", "values", "returns"]
+        return BatchedDataDict({k: batch[k] for k in keys})
+
     def _sync_weights(self) -> None:
         refs = [r for r in self.groups["actor"].call_all("publish_weights") if r is not None]
         self.weight_version += 1
         self.groups["rollout"].call_all("update_weights", refs[0], self.weight_version)
 
-    def _batch_metrics(self, batch: BatchedDataDict) -> dict[str, float]:
-        scores = batch["scores"].float()
-        resp_len = batch["response_mask"].sum(-1).float()
-        prompt_len = batch["attention_mask"].sum(-1).float() - resp_len
+    # ----------------------------------------------------------------- metrics
+    def _rollout_metrics(self, sampled: BatchedDataDict) -> dict[str, float]:
+        """What the policy did this step: every sampled response, filtered or not."""
+        scores = sampled["scores"].float()
+        resp_len = sampled["response_mask"].sum(-1).float()
+        prompt_len = sampled["attention_mask"].sum(-1).float() - resp_len
         max_len = int(self.cfg.data.max_response_length)
         out = {
             "reward/mean": scores.mean().item(),
             "reward/max": scores.max().item(),
             "reward/min": scores.min().item(),
             "reward/std": scores.std().item() if scores.numel() > 1 else 0.0,
-            "advantages/mean": batch["advantages"][batch["response_mask"].bool()].mean().item(),
             "response_length/mean": resp_len.mean().item(),
             "response_length/max": resp_len.max().item(),
             "response_length/clip_ratio": (resp_len >= max_len).float().mean().item(),
             "prompt_length/mean": prompt_len.mean().item(),
         }
-        for key in batch.keys():
+        if "overlong_penalty" in sampled:
+            out["reward/overlong_penalty"] = sampled["overlong_penalty"].float().mean().item()
+        for key in sampled.keys():
             if key.startswith("reward_extra/"):
-                out[f"reward/{key.split('/', 1)[1]}"] = batch[key].float().mean().item()
+                out[f"reward/{key.split('/', 1)[1]}"] = sampled[key].float().mean().item()
+        return out
+
+    @staticmethod
+    def _training_metrics(batch: BatchedDataDict) -> dict[str, float]:
+        """What the update saw: the (possibly filtered) training batch."""
+        mask = batch["response_mask"]
+        out = {
+            "advantages/mean": masked_mean(batch["advantages"], mask).item(),
+            "returns/mean": masked_mean(batch["returns"], mask).item(),
+            "train/num_responses": float(batch.size),
+        }
+        if "values" in batch:
+            out["values/mean"] = masked_mean(batch["values"], mask).item()
+        if "token_level_rewards" in batch:
+            out["reward/token_level_rewards_mean"] = batch["token_level_rewards"].sum(-1).float().mean().item()
         return out
 
     # ----------------------------------------------------------------- loop

@@ -1,0 +1,244 @@
+"""Score response tokens from three layouts of the same rows: padded, unpadded and packed.
+
+Input rows follow the rollout layout ``[prompt (left-padded) | response (right-padded)]``:
+``input_ids``, ``attention_mask`` and ``position_ids`` are ``[B, L]`` and ``responses`` is
+``[B, T]`` (the last ``T`` columns). A response token is *scored* when its attention-mask
+entry is 1 and at least one valid token precedes it; its log-prob comes from the logits of
+the valid token just before it.
+
+Layouts (``build_model_inputs``):
+
+* ``padded``: the rows as given (``[B, L]``), with their 2-D attention mask.
+* ``unpadded``: each row's valid tokens moved to the front, width = longest row rounded up
+  to ``round_to`` (``[B, W]``, right padding). Dynamic batching uses it, so a micro-batch
+  of short rows costs short rows.
+* ``packed``: all valid tokens of all rows in ONE row (``[1, N]``), position ids restarting
+  at every sequence, and a block-diagonal causal mask so attention never crosses a sequence
+  boundary. No padding tokens are computed at all.
+
+``score_responses`` runs the model on any layout and returns per-token log-probs (and
+entropy) back in the ``[B, T]`` response layout, 0 where a token is not scored. The three
+layouts give the same numbers up to floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from rlflow.utils.torch_functional import entropy_from_logits, logprobs_from_logits
+
+__all__ = [
+    "LAYOUTS",
+    "MASK_KINDS",
+    "ModelInputs",
+    "build_model_inputs",
+    "block_causal_mask",
+    "mask_kind_for",
+    "score_responses",
+]
+
+LAYOUTS = ("padded", "unpadded", "packed")
+# How a packed row's per-document mask is handed to the model:
+# "bool" 4-D (True = attend; sdpa), "additive" 4-D (0 / dtype min; eager), or "position_ids"
+# (no mask: transformers derives the documents from position ids restarting at 0, which is
+# what its flash-attention and flex paths expect).
+MASK_KINDS = ("bool", "additive", "position_ids")
+
+
+@dataclass
+class ModelInputs:
+    """What one forward pass needs, plus where its scores go.
+
+    ``keep`` marks the positions whose logits score a response token; ``targets`` are those
+    tokens and ``scatter`` marks their ``[B, T]`` response positions. ``keep`` and ``scatter``
+    list the same tokens in the same (row-major) order.
+    """
+
+    input_ids: torch.Tensor  # [R, W]
+    position_ids: torch.Tensor  # [R, W]
+    attention_mask: Optional[torch.Tensor]  # [R, W] 0/1, [1, 1, W, W] 4-D, or None
+    keep: torch.Tensor  # [R, W] bool
+    targets: torch.Tensor  # [K] token ids
+    scatter: torch.Tensor  # [B, T] bool, K entries True
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _check_rows(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    responses: torch.Tensor,
+) -> None:
+    if input_ids.dim() != 2 or responses.dim() != 2:
+        raise ValueError(
+            f"input_ids and responses must be 2-D [B, L] / [B, T], got {input_ids.dim()}-D "
+            f"and {responses.dim()}-D"
+        )
+    for name, t in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+        if t.shape != input_ids.shape:
+            raise ValueError(
+                f"{name} shape {tuple(t.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
+            )
+    if responses.shape[0] != input_ids.shape[0] or responses.shape[1] >= input_ids.shape[1]:
+        raise ValueError(
+            f"responses {tuple(responses.shape)} must be the last T < L columns of input_ids "
+            f"{tuple(input_ids.shape)} (same batch size)"
+        )
+
+
+def block_causal_mask(doc_ids: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """``[1, 1, N, N]`` mask: query ``i`` sees key ``j`` iff ``j <= i`` and same document.
+
+    ``doc_ids`` is ``[N]``. ``kind`` ``"bool"`` gives True where attention is allowed;
+    ``"additive"`` gives 0 there and the most negative ``dtype`` value elsewhere (a finite
+    value, so a row can never turn into nan).
+    """
+    if kind not in ("bool", "additive"):
+        raise ValueError(f"block_causal_mask: kind must be 'bool' or 'additive', got {kind!r}")
+    n = doc_ids.shape[0]
+    causal = torch.ones(n, n, dtype=torch.bool, device=doc_ids.device).tril()
+    allowed = causal & (doc_ids[:, None] == doc_ids[None, :])
+    if kind == "bool":
+        return allowed[None, None]
+    additive = torch.zeros(n, n, dtype=dtype, device=doc_ids.device)
+    additive.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return additive[None, None]
+
+
+def mask_kind_for(model: torch.nn.Module) -> str:
+    """The packed-mask kind the model's attention implementation accepts."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
+    if impl == "sdpa":
+        return "bool"
+    if impl == "eager":
+        return "additive"
+    return "position_ids"
+
+
+def build_model_inputs(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    responses: torch.Tensor,
+    layout: str,
+    round_to: int = 1,
+    mask_kind: str = "bool",
+    mask_dtype: torch.dtype = torch.float32,
+) -> ModelInputs:
+    """Arrange rows in ``layout`` (see the module docstring).
+
+    ``round_to`` rounds the width of ``unpadded`` rows up to a multiple (kernel-friendly
+    shapes); ``mask_kind`` (one of ``MASK_KINDS``) and ``mask_dtype`` apply to ``packed``.
+    Position ids of valid tokens are taken from ``position_ids``, so a packed sequence keeps
+    the positions it had in its own row (0, 1, ... for left-padded prompts).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+    if mask_kind not in MASK_KINDS:
+        raise ValueError(f"mask_kind must be one of {list(MASK_KINDS)}, got {mask_kind!r}")
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+    _check_rows(input_ids, attention_mask, position_ids, responses)
+    batch, width = input_ids.shape
+    resp_len = responses.shape[1]
+    prompt_len = width - resp_len
+    device = input_ids.device
+
+    valid = attention_mask != 0
+    compact = valid.long().cumsum(-1) - 1  # index of each valid token among its row's valid tokens
+    scatter = valid[:, prompt_len:] & (compact[:, prompt_len:] >= 1)
+    # index (in the compact row) of the token whose logits score each response token
+    source = compact[:, prompt_len:] - 1
+    targets = responses[scatter]
+
+    if layout == "padded":
+        keep = torch.zeros(batch, width, dtype=torch.bool, device=device)
+        keep[:, prompt_len - 1 : width - 1] = scatter
+        return ModelInputs(input_ids, position_ids, attention_mask, keep, targets, scatter)
+
+    lengths = valid.sum(-1)
+    rows = torch.arange(batch, device=device)[:, None].expand(batch, width)
+    resp_rows = rows[:, prompt_len:]
+    if layout == "unpadded":
+        out_width = _round_up(max(int(lengths.max()), 1), round_to)
+        ids = input_ids.new_zeros(batch, out_width)
+        pos = position_ids.new_zeros(batch, out_width)
+        ids[rows[valid], compact[valid]] = input_ids[valid]
+        pos[rows[valid], compact[valid]] = position_ids[valid]
+        mask = (torch.arange(out_width, device=device)[None, :] < lengths[:, None]).to(
+            attention_mask.dtype
+        )
+        keep = torch.zeros(batch, out_width, dtype=torch.bool, device=device)
+        keep[resp_rows[scatter], source[scatter]] = True
+        return ModelInputs(ids, pos, mask, keep, targets, scatter)
+
+    # packed: sequence b occupies [offset_b, offset_b + length_b) of one row
+    offsets = lengths.cumsum(0) - lengths
+    total = max(int(lengths.sum()), 1)
+    slot = offsets[:, None] + compact
+    ids = input_ids.new_zeros(1, total)
+    pos = position_ids.new_zeros(1, total)
+    doc = torch.full((total,), batch, dtype=torch.long, device=device)
+    ids[0, slot[valid]] = input_ids[valid]
+    pos[0, slot[valid]] = position_ids[valid]
+    doc[slot[valid]] = rows[valid]
+    keep = torch.zeros(1, total, dtype=torch.bool, device=device)
+    keep[0, (offsets[:, None] + source)[scatter]] = True
+    mask = None if mask_kind == "position_ids" else block_causal_mask(doc, mask_kind, mask_dtype)
+    return ModelInputs(ids, pos, mask, keep, targets, scatter)
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def score_responses(
+    model: torch.nn.Module,
+    inputs: ModelInputs,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-token log-probs (and entropy) of the scored response tokens, ``[B, T]`` float32.
+
+    Logits are divided by ``temperature`` (the sampling temperature, so log-probs match the
+    distribution the rollout sampled from). Positions that are not scored hold 0. Only the
+    kept positions go through the LM head when the model supports ``logits_to_keep``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    kwargs = dict(
+        input_ids=inputs.input_ids,
+        position_ids=inputs.position_ids,
+        attention_mask=inputs.attention_mask,
+        use_cache=False,
+    )
+    if _accepts_logits_to_keep(model):
+        # a 2-D bool tensor keeps exactly these positions, flattened to [K, V]
+        kwargs["logits_to_keep"] = inputs.keep
+    logits = model(**kwargs).logits
+    if logits.dim() == 3:  # the model ignored logits_to_keep or does not take it
+        logits = logits[inputs.keep]
+    logits = logits.float() / temperature
+    num_scored = int(inputs.targets.shape[0])
+    if logits.shape[0] != num_scored:
+        raise RuntimeError(
+            f"model returned logits for {logits.shape[0]} positions, expected {num_scored}"
+        )
+    shape = inputs.scatter.shape
+    log_probs = logits.new_zeros(shape)
+    log_probs[inputs.scatter] = logprobs_from_logits(logits, inputs.targets)
+    entropy = None
+    if with_entropy:
+        entropy = logits.new_zeros(shape)
+        entropy[inputs.scatter] = entropy_from_logits(logits)
+    return log_probs, entropy
