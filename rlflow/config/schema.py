@@ -112,6 +112,17 @@ class ActorConfig:
     # "auto": skip the extra forward pass when the update is exactly on-policy
     # (one mini-batch, one epoch), where old log-probs equal the current ones.
     recompute_old_log_prob: str = "auto"
+    # Micro-batching inside a worker (log-probs and updates). Default: fixed-size micro-batches
+    # of padded rows. use_dynamic_bsz: micro-batches of similar-length rows with at most
+    # max_tokens_per_microbatch tokens (rows x longest length rounded up to
+    # sequence_length_round). use_sequence_packing: rows bin-packed under the same cap, each
+    # bin run as one row with no padding (packing_algorithm: first_fit_decreasing or
+    # best_fit_decreasing). At most one of the two; the cap is per worker and per forward pass.
+    use_dynamic_bsz: bool = False
+    use_sequence_packing: bool = False
+    max_tokens_per_microbatch: int = 4096
+    sequence_length_round: int = 8
+    packing_algorithm: str = "first_fit_decreasing"
 
 
 @dataclass
@@ -121,6 +132,12 @@ class RefConfig:
     gpus_per_worker: float = 0.0
     torch_threads: int = 1
     log_prob_micro_batch_size_per_worker: int = 128
+    # Same meaning as the actor's keys of the same names.
+    use_dynamic_bsz: bool = False
+    use_sequence_packing: bool = False
+    max_tokens_per_microbatch: int = 4096
+    sequence_length_round: int = 8
+    packing_algorithm: str = "first_fit_decreasing"
 
 
 @dataclass
@@ -172,6 +189,10 @@ class RewardConfig:
     num_workers: int = 1
     cpus_per_worker: float = 0.25
     custom_fn: CustomFunctionConfig = field(default_factory=CustomFunctionConfig)
+    # A scorer that raises or runs longer than timeout_s on one sample gives that sample
+    # error_score instead of stalling or failing the step (counted in reward/num_errors).
+    timeout_s: Optional[float] = 10.0
+    error_score: float = 0.0
     overlong_buffer: OverlongBufferConfig = field(default_factory=OverlongBufferConfig)
 
 

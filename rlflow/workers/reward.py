@@ -8,6 +8,7 @@ values, which come back as per-sample lists and are logged as ``reward/<name>``.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from typing import Any, Callable
 
@@ -17,10 +18,12 @@ from omegaconf import OmegaConf
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.errors import ConfigError
 from rlflow.models.loading import load_tokenizer
+from rlflow.rewards.guarded import guarded_score
 from rlflow.rewards.registry import default_compute_score
 from rlflow.workers.base import Worker
 
 ScoreFn = Callable[..., Any]
+logger = logging.getLogger(__name__)
 
 
 def load_custom_function(path: str, name: str) -> ScoreFn:
@@ -54,13 +57,20 @@ class RewardWorker(Worker):
         )
         scores = torch.zeros(batch.size, dtype=torch.float32)
         extras: dict[str, list[float]] = {}
+        failed = torch.zeros(batch.size)
+        timed_out = torch.zeros(batch.size)
+        rcfg = self.cfg.reward
         for i, text in enumerate(texts):
-            result = self.score_fn(
+            kwargs = dict(
                 data_source=batch["data_source"][i],
                 solution_str=text,
-                ground_truth=batch["reward_model"][i]["ground_truth"],
+                ground_truth=(batch["reward_model"][i] or {}).get("ground_truth"),
                 extra_info=batch["extra_info"][i],
             )
+            result, failure = guarded_score(self.score_fn, kwargs, rcfg.timeout_s, float(rcfg.error_score))
+            if failure is not None:
+                (timed_out if failure == "timeout" else failed)[i] = 1.0
+                logger.warning("reward function %s on sample %d; scored %s", failure, i, rcfg.error_score)
             if isinstance(result, dict):
                 scores[i] = float(result["score"])
                 for key, value in result.items():
@@ -72,6 +82,9 @@ class RewardWorker(Worker):
         last = (lengths - 1).clamp(min=0)
         token_level[torch.arange(batch.size), last] = scores * (lengths > 0).float()
         out = BatchedDataDict({"token_level_scores": token_level, "scores": scores})
+        # Per-sample flags so the driver can count failures across all reward workers.
+        out["reward_failed"] = failed
+        out["reward_timed_out"] = timed_out
         for key, values in extras.items():
             out[f"reward_extra/{key}"] = torch.tensor(values)
         return out

@@ -1,0 +1,63 @@
+"""Run one reward call with a time limit, turning failures into a configured score.
+
+A user's scorer can hang (a regex on a pathological answer, a sandbox that never returns) or
+raise on odd input. One bad sample must not stall or fail a training step, so each call is
+bounded by SIGALRM where that is available (the main thread of a Unix process, as in a Ray
+actor) and otherwise by a daemon thread whose result is abandoned after the deadline.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any, Callable, Optional
+
+
+class ScoreTimeout(Exception):
+    pass
+
+
+def _alarm_available() -> bool:
+    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+
+
+def call_with_timeout(fn: Callable[..., Any], kwargs: dict, timeout_s: Optional[float]) -> Any:
+    if not timeout_s or timeout_s <= 0:
+        return fn(**kwargs)
+    if _alarm_available():
+        def on_alarm(_signum, _frame):
+            raise ScoreTimeout(f"reward function exceeded {timeout_s}s")
+
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, timeout_s)
+        try:
+            return fn(**kwargs)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(**kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise ScoreTimeout(f"reward function exceeded {timeout_s}s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def guarded_score(fn: Callable[..., Any], kwargs: dict, timeout_s: Optional[float], error_score: float) -> tuple[Any, Optional[str]]:
+    """``(result, None)`` on success, ``(error_score, "timeout" | "error")`` on failure."""
+    try:
+        return call_with_timeout(fn, kwargs, timeout_s), None
+    except ScoreTimeout:
+        return error_score, "timeout"
+    except Exception:  # noqa: BLE001 - any scorer failure is scored, counted and logged
+        return error_score, "error"
