@@ -416,11 +416,12 @@ class WorkerGroup:
             raise ValueError(f"call_sharded({method!r}) got an empty batch for role {self.role!r}")
         world = self.world_size
         num_padded = (-size) % world if pad_to_divisible else 0
-        if num_padded:
-            batch = batch.select_indices(list(range(size)) + _padding_indices(size, num_padded))
-        bounds = _shard_bounds(size + num_padded, world)
+        rows = list(range(size)) + _padding_indices(size, num_padded)
+        bounds = _shard_bounds(len(rows), world)
+        # select_indices copies each shard into its own storage; a slice would be a view,
+        # and pickling a view ships the whole underlying batch to every rank.
         refs = [
-            getattr(w, name).remote(batch.slice(start, end), **kwargs)
+            getattr(w, name).remote(batch.select_indices(rows[start:end]), **kwargs)
             for w, (start, end) in zip(self._workers, bounds)
         ]
         return ShardedCall(

@@ -4,6 +4,14 @@ policy, and clipped policy-gradient updates for the actor.
 One class serves both roles because they run the same forward pass; the reference policy
 simply has no optimiser. With more than one worker the model is sharded with FSDP2
 (``fully_shard`` on each decoder layer, then the root) over gloo on CPU or NCCL on GPU.
+
+Each rank splits its own shard into micro-batches in one of three ways (role config keys):
+fixed-size micro-batches of padded rows (default), dynamic batching (``use_dynamic_bsz``:
+rows of similar length, padding removed, at most ``max_tokens_per_microbatch`` tokens each)
+or sequence packing (``use_sequence_packing``: rows bin-packed under the same cap, each bin
+one packed row). The forward layouts live in ``rlflow.models.packing``. Whatever the split,
+every rank runs the same number of forward/backward steps, and every micro-batch loss is
+divided by the mini-batch's global token / sequence counts, so the gradient is the same.
 """
 
 from __future__ import annotations
@@ -25,8 +33,8 @@ from rlflow.algorithms.losses import (
 )
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.models.loading import load_causal_lm
+from rlflow.models.packing import build_model_inputs, mask_kind_for, score_responses
 from rlflow.optim import build_lr_scheduler, build_optimizer
-from rlflow.utils.torch_functional import entropy_from_logits, logprobs_from_logits
 from rlflow.workers.base import Worker
 
 
@@ -49,6 +57,9 @@ class PolicyWorker(Worker):
         if not self.trainable:
             model.requires_grad_(False)
             model.eval()
+        # How a packed row's block-diagonal mask is passed depends on the attention kernel.
+        self.mask_kind = mask_kind_for(model)
+        self.param_dtype = next(model.parameters()).dtype
         self.model = self._shard(model) if self.world_size > 1 else model
         self.temperature = float(self.cfg.rollout.temperature) or 1.0
 
@@ -74,40 +85,124 @@ class PolicyWorker(Worker):
         fully_shard(model)
         return model
 
+    # ----------------------------------------------------------------- micro-batching
+    def _role_cfg(self) -> Any:
+        return self.cfg.actor if self.trainable else self.cfg.ref
+
+    def _layout(self) -> str:
+        """``padded`` (fixed-size micro-batches), ``unpadded`` (dynamic batching) or ``packed``."""
+        rcfg = self._role_cfg()
+        dynamic, packing = bool(rcfg.use_dynamic_bsz), bool(rcfg.use_sequence_packing)
+        if dynamic and packing:
+            raise ValueError(
+                f"{self.role}.use_dynamic_bsz and {self.role}.use_sequence_packing are both true: "
+                f"turn one of them off"
+            )
+        return "packed" if packing else "unpadded" if dynamic else "padded"
+
+    def _plan(self, batch: BatchedDataDict, micro_batch_size: int) -> tuple[str, list[list[int]]]:
+        """Split this rank's rows into micro-batches; returns (layout, row indices per step).
+
+        Every rank returns the same number of steps (FSDP collectives run once per forward and
+        backward, so the counts must line up): ranks agree on the largest count and the others
+        halve their heaviest micro-batches, or add empty steps when they run out of rows.
+        """
+        layout = self._layout()
+        rcfg = self._role_cfg()
+        size = batch.size
+        lengths = [int(n) for n in batch["attention_mask"].sum(-1).tolist()]
+        round_to = int(rcfg.sequence_length_round) if layout == "unpadded" else 1
+        if layout == "padded" or size == 0:
+            step = max(1, int(micro_batch_size))
+            groups = [list(range(s, min(s + step, size))) for s in range(0, size, step)]
+        else:
+            groups = self._token_capped_groups(batch, lengths, layout, round_to)
+        count = self._agree_on_count(len(groups))
+        return layout, _split_to_count(groups, count, lengths, layout, round_to)
+
+    def _token_capped_groups(
+        self, batch: BatchedDataDict, lengths: list[int], layout: str, round_to: int
+    ) -> list[list[int]]:
+        rcfg = self._role_cfg()
+        cap = int(rcfg.max_tokens_per_microbatch)
+        longest = _round_up(max(max(lengths), 1), round_to)
+        if longest > cap:
+            raise ValueError(
+                f"{self.role}.max_tokens_per_microbatch={cap} is below the longest sequence in the "
+                f"batch ({longest} tokens after rounding): raise it to at least {longest}"
+            )
+        # The plan only needs lengths and the row width, so plan on a two-key view instead of
+        # reordering every tensor of the batch.
+        view = BatchedDataDict(
+            {"attention_mask": batch["attention_mask"], "seq_lens": torch.tensor(lengths)}
+        )
+        common = dict(max_tokens_per_microbatch=cap, input_key="attention_mask", input_lengths_key="seq_lens")
+        if layout == "unpadded":
+            shards, order = view.shard_by_batch_size(
+                1, dynamic_batching_args=dict(common, sequence_length_round=round_to)
+            )
+        else:
+            shards, order = view.shard_by_batch_size(
+                1, sequence_packing_args=dict(common, algorithm=str(rcfg.packing_algorithm))
+            )
+        return [[order[p] for p in range(a, b)] for a, b in shards[0].micro_batch_indices[0]]
+
+    def _agree_on_count(self, count: int) -> int:
+        if self.world_size == 1:
+            return count
+        agreed = torch.tensor([count], dtype=torch.long)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        return int(agreed.item())
+
     # ----------------------------------------------------------------- forward passes
-    def _forward(self, mb: BatchedDataDict, with_entropy: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        responses = mb["responses"].to(self.device)
-        response_len = responses.shape[1]
-        logits = self.model(
-            input_ids=mb["input_ids"].to(self.device),
-            attention_mask=mb["attention_mask"].to(self.device),
-            position_ids=mb["position_ids"].to(self.device),
-            use_cache=False,
-        ).logits
-        # Logits at position t predict token t+1, so the response tokens are scored by the
-        # logits one step to their left.
-        logits = logits[:, -response_len - 1 : -1, :].float() / self.temperature
-        log_probs = logprobs_from_logits(logits, responses)
-        entropy = entropy_from_logits(logits) if with_entropy else None
-        return log_probs, entropy
+    def _forward(
+        self, mb: BatchedDataDict, layout: str, with_entropy: bool
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Log-probs (and entropy) of ``mb``'s response tokens, ``[b, T_resp]``, 0 where unscored."""
+        inputs = build_model_inputs(
+            mb["input_ids"].to(self.device),
+            mb["attention_mask"].to(self.device),
+            mb["position_ids"].to(self.device),
+            mb["responses"].to(self.device),
+            layout,
+            round_to=int(self._role_cfg().sequence_length_round) if layout == "unpadded" else 1,
+            mask_kind=self.mask_kind,
+            mask_dtype=self.param_dtype,
+        )
+        return score_responses(self.model, inputs, self.temperature, with_entropy)
+
+    def _idle_step(self, backward: bool) -> None:
+        """A forward (and backward) on one token that changes nothing: this rank has no rows
+        left for this step, but FSDP's all-gathers and reduce-scatters must still line up."""
+        ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        logits = self.model(input_ids=ids, use_cache=False).logits
+        if backward:
+            (logits.float().sum() * 0.0).backward()
 
     @torch.no_grad()
     def compute_log_prob(self, batch: BatchedDataDict, micro_batch_size: int) -> BatchedDataDict:
-        """Per-token log-probs (and entropy) of ``responses`` under the current weights."""
+        """Per-token log-probs (and entropy) of ``responses`` under the current weights.
+
+        Returns ``{"log_probs", "entropy"}``, each ``[B, T_resp]`` float32 in the rows' original
+        order (dynamic batching and packing run them sorted or binned), 0 at unscored positions.
+        ``micro_batch_size`` applies to fixed-size micro-batches only.
+        """
         self.model.eval()
-        out_lp, out_ent = [], []
-        for mb in self._microbatches(batch, micro_batch_size):
-            lp, ent = self._forward(mb, with_entropy=True)
-            out_lp.append(lp.cpu())
-            out_ent.append(ent.cpu())
+        layout, groups = self._plan(batch, micro_batch_size)
+        shape = batch["responses"].shape
+        log_probs = torch.zeros(shape, dtype=torch.float32)
+        entropy = torch.zeros(shape, dtype=torch.float32)
+        for rows in groups:
+            if not rows:
+                self._idle_step(backward=False)
+                continue
+            lp, ent = self._forward(batch.select_indices(rows), layout, with_entropy=True)
+            index = torch.tensor(rows)
+            log_probs[index] = lp.cpu()
+            entropy[index] = ent.cpu()
         if self.trainable:
             self.model.train()
-        return BatchedDataDict({"log_probs": torch.cat(out_lp), "entropy": torch.cat(out_ent)})
-
-    def _microbatches(self, batch: BatchedDataDict, micro_batch_size: int):
-        # FSDP needs every rank to run the same number of forward passes; the WorkerGroup pads
-        # shards to equal sizes, so equal micro-batch sizes give equal counts.
-        return batch.make_microbatch_iterator(max(1, min(micro_batch_size, batch.size)))
+        return BatchedDataDict({"log_probs": log_probs, "entropy": entropy})
 
     # ----------------------------------------------------------------- update
     def update_policy(self, batch: BatchedDataDict, mini_batch_size: int) -> dict[str, float]:
@@ -115,7 +210,8 @@ class PolicyWorker(Worker):
 
         ``mini_batch_size`` is per rank: one optimiser step per mini-batch. Each micro-batch loss
         is its share of the mini-batch loss over ALL ranks (global token / sequence counts), so
-        the accumulated gradient does not depend on the micro-batch size or the number of ranks.
+        the accumulated gradient does not depend on the micro-batch size, the number of ranks,
+        dynamic batching or packing.
         """
         acfg = self.cfg.actor
         self.model.train()
@@ -139,6 +235,27 @@ class PolicyWorker(Worker):
         metrics["actor/num_updates"] = float(num_updates)
         return metrics
 
+    def accumulate_gradients(self, batch: BatchedDataDict) -> dict[str, torch.Tensor]:
+        """Full (unsharded) gradients of the loss on ``batch`` taken as ONE mini-batch, by
+        parameter name, on CPU; no optimiser step, and the gradients are cleared afterwards.
+
+        Runs the same micro-batching and loss path as ``update_policy``; a collective with
+        more than one rank (every rank must call it with its shard).
+        """
+        if not self.trainable:
+            raise ValueError("accumulate_gradients needs the actor role; the ref policy has no loss")
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._backward_mini_batch(batch)
+        grads: dict[str, torch.Tensor] = {}
+        for name, param in self.model.named_parameters():
+            if param.grad is None:
+                continue
+            grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
+            grads[name] = grad.detach().cpu().clone()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grads
+
     def _global_counts(self, mini: BatchedDataDict) -> tuple[float, float]:
         num_tokens, num_seqs = count_tokens_and_seqs(mini["response_mask"])
         counts = torch.tensor([float(num_tokens), float(num_seqs)], dtype=torch.float64)
@@ -146,19 +263,30 @@ class PolicyWorker(Worker):
             dist.all_reduce(counts)
         return counts[0].item(), counts[1].item()
 
-    def _update_one_mini_batch(self, mini: BatchedDataDict) -> dict[str, float]:
+    def _backward_mini_batch(self, mini: BatchedDataDict) -> torch.Tensor:
+        """Accumulate the gradient of this rank's share of the mini-batch loss.
+
+        Returns local sums of (pg_loss, entropy, kl, clipfrac, ppo_kl, loss) shares; summed over
+        ranks they are the mini-batch values.
+        """
         acfg = self.cfg.actor
+        # Once per mini-batch: every micro-batch, whatever its size or layout, divides by the
+        # same global counts, which is what makes the gradient invariant.
         num_tokens, num_seqs = self._global_counts(mini)
         norm = dict(
             global_num_tokens=num_tokens,
             global_num_seqs=num_seqs,
             norm_length=int(self.cfg.data.max_response_length),
         )
-        stats = torch.zeros(6, dtype=torch.float64)  # pg_loss, entropy, kl, clipfrac, ppo_kl, loss
-        self.optimizer.zero_grad(set_to_none=True)
-        for mb in self._microbatches(mini, int(acfg.ppo_micro_batch_size_per_worker)):
+        stats = torch.zeros(6, dtype=torch.float64)
+        layout, groups = self._plan(mini, int(acfg.ppo_micro_batch_size_per_worker))
+        for rows in groups:
+            if not rows:
+                self._idle_step(backward=True)
+                continue
+            mb = mini.select_indices(rows)
             mask = mb["response_mask"].to(self.device).float()
-            log_probs, entropy = self._forward(mb, with_entropy=True)
+            log_probs, entropy = self._forward(mb, layout, with_entropy=True)
             old = mb["old_log_probs"].to(self.device) if "old_log_probs" in mb else log_probs.detach()
             adv = mb["advantages"].to(self.device)
             clip = dict(clip_ratio_low=acfg.clip_ratio_low, clip_ratio_high=acfg.clip_ratio_high)
@@ -188,6 +316,12 @@ class PolicyWorker(Worker):
                 float(pg_stats["ppo_kl"]) * token_share,
                 loss.item(),
             ], dtype=torch.float64)
+        return stats
+
+    def _update_one_mini_batch(self, mini: BatchedDataDict) -> dict[str, float]:
+        acfg = self.cfg.actor
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = self._backward_mini_batch(mini)
         grad_norm = self._clip_grad_norm(float(acfg.optim.grad_clip))
         skipped = not math.isfinite(grad_norm)
         if skipped:
@@ -231,3 +365,42 @@ class PolicyWorker(Worker):
         if self.rank != 0:
             return None
         return [ray.put(state)]
+
+
+# --------------------------------------------------------------------- planning helpers
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _step_cost(rows: list[int], lengths: list[int], layout: str, round_to: int) -> int:
+    """Tokens one micro-batch computes: rows x rounded longest (unpadded), the sum (packed),
+    or just the row count for fixed-size padded micro-batches (all rows are equally wide)."""
+    if layout == "padded":
+        return len(rows)
+    if layout == "unpadded":
+        return len(rows) * _round_up(max((lengths[i] for i in rows), default=0), round_to)
+    return sum(lengths[i] for i in rows)
+
+
+def _split_to_count(
+    groups: list[list[int]], count: int, lengths: list[int], layout: str, round_to: int
+) -> list[list[int]]:
+    """Grow ``groups`` to ``count`` steps: halve the costliest multi-row step (its halves never
+    exceed its cost, so the token cap still holds), and append empty steps once every step
+    holds a single row."""
+    groups = [list(g) for g in groups]
+    while len(groups) < count:
+        splittable = [k for k, g in enumerate(groups) if len(g) >= 2]
+        if not splittable:
+            groups.append([])
+            continue
+        k = max(splittable, key=lambda k: (_step_cost(groups[k], lengths, layout, round_to), -k))
+        halves: list[list[int]] = [[], []]
+        loads = [0, 0]
+        # longest first, each to the lighter half: balanced token loads
+        for i in sorted(groups[k], key=lambda i: (-lengths[i], i)):
+            h = 0 if loads[0] <= loads[1] else 1
+            halves[h].append(i)
+            loads[h] += lengths[i]
+        groups[k : k + 1] = [sorted(halves[0]), sorted(halves[1])]
+    return groups

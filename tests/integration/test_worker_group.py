@@ -56,6 +56,8 @@ class EchoWorker(Worker):
             "doubled": batch["x"] * self.scale,
             "rank": torch.full((n,), self.rank),
             "shard_size": torch.full((n,), n),
+            # rows in the storage that arrived: a view of the whole batch would show more
+            "storage_rows": torch.full((n,), batch["x"].untyped_storage().nbytes() // batch["x"].element_size()),
             "tag": [f"{t}@{self.rank}" for t in batch["tag"]],
         })
 
@@ -147,6 +149,7 @@ def test_call_sharded_pads_uneven_batch_and_keeps_order(group):
     # contiguous shards [0, 1, 2] and [3, 4] + a copy of sample 4 (dropped again)
     assert out["rank"].tolist() == [0, 0, 0, 1, 1]
     assert out["shard_size"].tolist() == [3, 3, 3, 3, 3]
+    assert out["storage_rows"].tolist() == [3, 3, 3, 3, 3]
     assert out["tag"] == ["s0@0", "s1@0", "s2@0", "s3@1", "s4@1"]
 
 

@@ -19,6 +19,8 @@ from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.models.loading import load_causal_lm, load_tokenizer
 from rlflow.utils.torch_functional import compute_position_ids, get_response_mask
 from rlflow.workers.base import Worker
+from rlflow.workers.rollout.policy_lag import check_weight_version
+from rlflow.workers.rollout.sampling import SamplingSettings, hf_generation_kwargs, resolve_sampling
 
 
 class HFRolloutWorker(Worker):
@@ -38,19 +40,14 @@ class HFRolloutWorker(Worker):
         self.eos_token_ids = sorted(i for i in ids if i is not None)
         self.pad_token_id = self.tokenizer.pad_token_id
 
-    def generation_config(self, temperature: float, do_sample: bool) -> GenerationConfig:
-        rcfg = self.cfg.rollout
-        sample = do_sample and temperature > 0
-        kwargs = dict(
-            max_new_tokens=int(self.cfg.data.max_response_length),
-            do_sample=sample,
-            eos_token_id=self.eos_token_ids,
-            pad_token_id=self.pad_token_id,
-            use_cache=True,
+    def sampling_settings(self, temperature: Optional[float] = None, do_sample: Optional[bool] = None) -> SamplingSettings:
+        """The shared config -> sampling mapping (see ``rollout/sampling.py``)."""
+        return resolve_sampling(
+            self.cfg.rollout, int(self.cfg.data.max_response_length), self.eos_token_ids, temperature, do_sample
         )
-        if sample:
-            kwargs.update(temperature=float(temperature), top_p=float(rcfg.top_p), top_k=int(rcfg.top_k) if rcfg.top_k > 0 else None)
-        return GenerationConfig(**kwargs)
+
+    def generation_config(self, temperature: float, do_sample: bool) -> GenerationConfig:
+        return GenerationConfig(**hf_generation_kwargs(self.sampling_settings(temperature, do_sample), self.pad_token_id))
 
     @torch.no_grad()
     def generate(
@@ -62,20 +59,16 @@ class HFRolloutWorker(Worker):
         expected_weight_version: Optional[int] = None,
     ) -> BatchedDataDict:
         """Generate one response per row of left-padded ``input_ids`` / ``attention_mask``."""
-        if expected_weight_version is not None and expected_weight_version != self.weight_version:
-            raise RuntimeError(
-                f"rollout worker {self.rank} holds weights version {self.weight_version} but the "
-                f"trainer expects version {expected_weight_version}: a weight sync was missed"
-            )
-        rcfg = self.cfg.rollout
-        temperature = float(rcfg.temperature if temperature is None else temperature)
-        do_sample = bool(rcfg.do_sample if do_sample is None else do_sample)
-        gen_cfg = self.generation_config(temperature, do_sample)
+        check_weight_version(
+            self.weight_version, expected_weight_version, int(self.cfg.rollout.max_weight_staleness), self.rank
+        )
+        settings = self.sampling_settings(temperature, do_sample)
+        gen_cfg = GenerationConfig(**hf_generation_kwargs(settings, self.pad_token_id))
         # Seeded per call and per rank so a run (and a resumed run) samples the same tokens.
         torch.manual_seed(int(seed) * 1009 + self.rank)
 
         max_len = int(self.cfg.data.max_response_length)
-        chunk = int(rcfg.micro_batch_size or batch.size)
+        chunk = int(self.cfg.rollout.micro_batch_size or batch.size)
         outputs = []
         for mb in batch.make_microbatch_iterator(max(1, min(chunk, batch.size))):
             prompts = mb["input_ids"].to(self.device)
@@ -85,8 +78,8 @@ class HFRolloutWorker(Worker):
             if responses.shape[1] < max_len:
                 pad = responses.new_full((responses.shape[0], max_len - responses.shape[1]), self.pad_token_id)
                 responses = torch.cat([responses, pad], dim=1)
-            response_mask = get_response_mask(responses, self.eos_token_ids, self.pad_token_id)
-            # Anything after the first EOS is not part of the answer; make it padding.
+            response_mask = get_response_mask(responses, settings.stop_token_ids, self.pad_token_id)
+            # Anything after the first stop token is not part of the answer; make it padding.
             responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, self.pad_token_id))
             attention_mask = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=1)
             outputs.append(BatchedDataDict({
