@@ -16,8 +16,8 @@ Both paths must keep the same rows with the same token ids (checked on the slow 
 Tokenizers, both built locally (no download) and loaded with ``from_pretrained``:
 
 * ``demo-char``: rlflow's demo character-level tokenizer, on arithmetic prompts (5-300 chars);
-* ``bpe-32k``: a byte-level BPE (vocab 32k, ChatML template) trained here on the synthetic
-  text, on pseudo-natural-language prompts (lognormal lengths, median ~60 words, some with a
+* ``bpe-32k``: a byte-level BPE (vocab 32k, ChatML template) trained here on 50k rows of the
+  synthetic text, on pseudo-natural-language prompts (lognormal lengths, median ~60 words, some with a
   system message).
 
 Run from the repository root (about 3-4 minutes on 2 cores)::
@@ -70,10 +70,14 @@ def arithmetic_prompts(n: int, rng: np.random.Generator) -> list[list[dict]]:
 
 def text_prompts(n: int, rng: np.random.Generator) -> list[list[dict]]:
     """Pseudo-English prompts: Zipf-distributed made-up words, lognormal lengths."""
-    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "an", "or", "el", "is", "um", "qu", "th", "st", "pr"]
-    vocab = sorted({
-        "".join(rng.choice(syllables, size=rng.integers(1, 5))) for _ in range(8000)
-    })
+    syllables = [
+        "ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "an", "or", "el", "is", "um", "qu", "th",
+        "st", "pr", "be", "do", "fu", "gi", "ha", "je", "ly", "ph", "ch", "wa", "xe", "yo", "ing", "ed",
+    ]
+    sizes = rng.integers(1, 6, size=60_000)
+    vocab = sorted({"".join(rng.choice(syllables, size=k)) for k in sizes})
+    # Capitalised variants, as sentence starts and names have them.
+    vocab += [w.capitalize() for w in vocab[::7]]
     vocab += [",", ".", "?", "1", "42", "2024", "3.14"]
     probs = 1.0 / np.arange(1, len(vocab) + 1) ** 1.1
     probs /= probs.sum()
@@ -202,7 +206,7 @@ def main() -> None:
         arith = arithmetic_prompts(args.rows, rng)
         setups.append(("demo-char", "arithmetic", arith, lambda: save_demo_tokenizer(work / "demo_tok"), 128))
         text = text_prompts(args.rows, rng)
-        setups.append(("bpe-32k", "synthetic_text", text, lambda: train_bpe_tokenizer(work / "bpe_tok", text[:20_000]), 256))
+        setups.append(("bpe", "synthetic_text", text, lambda: train_bpe_tokenizer(work / "bpe_tok", text[:50_000]), 256))
         print(f"generated 2 x {args.rows} prompts in {time.perf_counter() - t:.1f}s", flush=True)
 
         results = []
@@ -212,6 +216,7 @@ def main() -> None:
             write_verl_parquet(full, prompts, source)
             write_verl_parquet(head, prompts[: args.slow_rows], source)
             tokenizer = make_tokenizer()
+            name = f"{name}-{len(tokenizer) // 1000}k" if len(tokenizer) >= 1000 else f"{name}-{len(tokenizer)}"
             timings = {}
             for workers in (1, 2):
                 seconds, ds = time_rlflow(full, tokenizer, max_len, workers)

@@ -71,6 +71,26 @@ class RolloutConfig:
     torch_threads: int = 1
     # Sequences per generate() call on one worker; None = the whole shard at once.
     micro_batch_size: Optional[int] = None
+    # Token ids that end a response besides the tokenizer's / model's EOS (both backends).
+    stop_token_ids: List[int] = field(default_factory=list)
+    # Off-policy rollout: how many weight syncs a rollout worker may lag behind the actor.
+    # 0 = strictly on-policy (a missed sync is an error).
+    max_weight_staleness: int = 0
+    # Where rollout workers sit: "split" (their own devices) or "colocated" (the actor's
+    # devices, time-shared: on GPU the vLLM engine sleeps between rollouts). Same on CPU.
+    placement: str = "split"
+    # vLLM backend only (rollout.backend=vllm), see docs/vllm.md.
+    tensor_parallel_size: int = 1
+    # Fraction of GPU memory the engine may take (weights + KV cache); GPU only.
+    gpu_memory_utilization: float = 0.5
+    # KV cache size on CPU, in GiB.
+    cpu_kv_cache_gib: float = 1.0
+    enforce_eager: bool = True
+    # None: data.max_prompt_length + data.max_response_length.
+    max_model_len: Optional[int] = None
+    # Actor -> engine weight transport: "object_store" (Ray object store, CPU or GPU) or
+    # "nccl" (broadcast from actor rank 0 to the engines; GPU, split placement).
+    weight_sync: str = "object_store"
 
 
 @dataclass

@@ -216,7 +216,7 @@ class ChatEncoder:
             if backend is not None:
                 probe = texts[:16]
                 fast = [e.ids for e in backend.encode_batch_fast(probe, add_special_tokens=False)]
-                slow = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
+                slow = self.tokenizer(probe, add_special_tokens=False, verbose=False)["input_ids"]
                 self._backend = backend if fast == [list(ids) for ids in slow] else None
             self._decided = True
 
@@ -239,7 +239,9 @@ class ChatEncoder:
             self._decide(texts)
         if self._backend is not None:
             return [e.ids for e in self._backend.encode_batch_fast(texts, add_special_tokens=False)]
-        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        # verbose=False: prompts longer than model_max_length are expected here (they are
+        # filtered or truncated next), so the tokenizer's warning about them is noise.
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
 
     def __call__(self, conversations: list[Any]) -> tuple[list[str], list[list[int]]]:
         texts = self.render(conversations)

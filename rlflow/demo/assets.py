@@ -7,6 +7,8 @@ at ``demo:`` paths that are built locally on first use and cached::
     demo:arithmetic                   -> folder with train.parquet and test.parquet
     demo:arithmetic/train.parquet     -> 2048 rows of "a+b=" prompts
     demo:arithmetic/test.parquet      -> 256 rows
+    demo:arithmetic_preference        -> folder with preference pairs (correct answer chosen
+                                         over a wrong one) for DPO: train.parquet, test.parquet
 
 Cache layout: ``<cache_root()>/demo/v<DEMO_VERSION>/<name>-<fingerprint>``. The fingerprint is
 a hash of every constant that shapes the asset (vocabulary, chat template, model sizes, seeds,
@@ -70,8 +72,13 @@ TEST_SIZE = 256
 MAX_OPERAND = 4
 OPS = ("+",)
 
+# ---- arithmetic preference pairs (DPO) ------------------------------------------------------
+PREFERENCE_TRAIN_SIZE = 2048
+PREFERENCE_TEST_SIZE = 256
+
 MODEL_NAME = "tiny-char-lm"
 DATA_NAME = "arithmetic"
+PREFERENCE_DATA_NAME = "arithmetic_preference"
 DATA_FILES = ("train.parquet", "test.parquet")
 
 
@@ -114,6 +121,16 @@ def _data_spec() -> dict:
         "seed": DATA_SEED,
         "train_size": TRAIN_SIZE,
         "test_size": TEST_SIZE,
+        "max_operand": MAX_OPERAND,
+        "ops": list(OPS),
+    }
+
+
+def _preference_data_spec() -> dict:
+    return {
+        "seed": DATA_SEED,
+        "train_size": PREFERENCE_TRAIN_SIZE,
+        "test_size": PREFERENCE_TEST_SIZE,
         "max_operand": MAX_OPERAND,
         "ops": list(OPS),
     }
@@ -270,8 +287,43 @@ def ensure_demo_data() -> dict[str, str]:
     return {split: str(folder / f"{split}.parquet") for split in ("train", "test")}
 
 
+def _write_preference_data(folder: Path) -> None:
+    from rlflow.utils.bundled import import_data_preprocess
+
+    pairs = import_data_preprocess("arithmetic_preference")
+    pairs.write_splits(
+        folder,
+        train_size=PREFERENCE_TRAIN_SIZE,
+        test_size=PREFERENCE_TEST_SIZE,
+        seed=DATA_SEED,
+        max_operand=MAX_OPERAND,
+        ops=OPS,
+    )
+
+
+def ensure_demo_preference_data() -> dict[str, str]:
+    """Return ``{"train": path, "test": path}`` of the demo preference pairs, creating them first.
+
+    Prompts are the demo arithmetic prompts (same seed and operands); each pair prefers the
+    correct answer over a wrong one.
+    """
+    target = _demo_dir() / f"{PREFERENCE_DATA_NAME}-{_fingerprint(_preference_data_spec())}"
+    folder = _build_atomically(target, _write_preference_data)
+    return {split: str(folder / f"{split}.parquet") for split in ("train", "test")}
+
+
+# demo data name -> function that builds it and returns {"train": path, "test": path}
+_DATASETS: dict[str, Callable[[], dict[str, str]]] = {
+    DATA_NAME: ensure_demo_data,
+    PREFERENCE_DATA_NAME: ensure_demo_preference_data,
+}
+
+
 def _valid_names() -> list[str]:
-    return [MODEL_NAME, DATA_NAME, *(f"{DATA_NAME}/{f}" for f in DATA_FILES)]
+    names = [MODEL_NAME]
+    for data_name in _DATASETS:
+        names += [data_name, *(f"{data_name}/{f}" for f in DATA_FILES)]
+    return names
 
 
 def resolve_demo_path(path: str) -> str:
@@ -288,10 +340,11 @@ def resolve_demo_path(path: str) -> str:
     name = path[len(DEMO_PREFIX):].strip("/")
     if name == MODEL_NAME:
         return ensure_demo_model()
-    if name == DATA_NAME:
-        return str(Path(ensure_demo_data()["train"]).parent)
-    if name.startswith(f"{DATA_NAME}/") and name[len(DATA_NAME) + 1:] in DATA_FILES:
-        split = name[len(DATA_NAME) + 1:].removesuffix(".parquet")
-        return ensure_demo_data()[split]
+    data_name, _, file_name = name.partition("/")
+    ensure = _DATASETS.get(data_name)
+    if ensure is not None and not file_name:
+        return str(Path(ensure()["train"]).parent)
+    if ensure is not None and file_name in DATA_FILES:
+        return ensure()[file_name.removesuffix(".parquet")]
     valid = ", ".join(DEMO_PREFIX + n for n in _valid_names())
     raise DemoAssetError(f"unknown demo path {path!r}; valid demo paths are: {valid}")

@@ -166,13 +166,14 @@ class ResourcePool:
             )
         return None
 
-    def ready(self, timeout_s: float = 300.0, fail_fast: bool = True) -> ResourcePool:
+    def ready(self, timeout_s: float | None = 300.0, fail_fast: bool = True) -> ResourcePool:
         """Block until every bundle is placed; returns self. Idempotent.
 
         With ``fail_fast`` (default) a pool the cluster can never hold raises at once; pass
         False on an autoscaling cluster, where nodes may still join. A pool that fits but
-        whose resources stay taken by others raises after ``timeout_s`` seconds. On either
-        error the request is withdrawn (the pool is removed), so it cannot grab resources later.
+        whose resources stay taken by others raises after ``timeout_s`` seconds (None: wait
+        without limit). On either error the request is withdrawn (the pool is removed), so
+        it cannot grab resources later.
 
         Raises:
             ClusterError: one line naming the role, what it asks for and how to fix it.

@@ -170,9 +170,9 @@ class ShardedCall:
                     f"of {per_shard} rows; with padding every rank must return the same number of "
                     "rows per input row (or call with pad_to_divisible=False)"
                 )
-        multiplier = sizes[0] // self.shard_sizes[0] if self.shard_sizes[0] else 1
         merged = BatchedDataDict.from_batches(batches, self.pad_value_dict)
         if self.num_padded:
+            multiplier = sizes[0] // self.shard_sizes[0]
             merged = BatchedDataDict(merged.slice(0, self.original_size * multiplier).data)
         return merged
 
@@ -188,7 +188,8 @@ class WorkerGroup:
     rank 0's node, for ``Worker.init_distributed``), ``RAY_AUTH_MODE`` and
     ``OMP_NUM_THREADS`` (the worker's whole CPUs, at least 1), plus ``env_vars``.
 
-    The constructor waits until every worker is constructed (``ready_timeout_s``).
+    The constructor waits up to ``ready_timeout_s`` for the pool, then as long again for
+    every worker to be constructed (None: no limit).
     ``call_timeout_s`` bounds every later blocking call (None: wait as long as it takes).
     """
 
@@ -220,7 +221,7 @@ class WorkerGroup:
         self.call_timeout_s = call_timeout_s
         self._workers: list[ray.actor.ActorHandle] = []
 
-        pool.ready()
+        pool.ready(timeout_s=ready_timeout_s)
         master_addr, master_port = self._master_endpoint()
         node_ids = pool.node_ids()
         cpus_threads = str(max(1, math.floor(pool.cpus_per_worker)))

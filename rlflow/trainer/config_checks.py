@@ -12,11 +12,12 @@ from omegaconf import DictConfig
 
 from rlflow.errors import ConfigError
 
-ROLLOUT_BACKENDS = ("hf",)
+ROLLOUT_BACKENDS = ("hf", "vllm")
 TRAINER_ALGORITHMS = ("rl", "dpo")
 FILTER_METRICS = ("score", "seq_reward")
 POLICY_LOSSES = ("ppo_clip", "gspo")
 RECOMPUTE_MODES = ("auto", "always", "never")
+PACKING_ALGORITHMS = ("first_fit_decreasing", "best_fit_decreasing")
 TRUNCATION_MODES = ("left", "right", "middle", "error")
 LOGGERS = ("console",)
 
@@ -75,6 +76,8 @@ def check_rl_config(cfg: DictConfig) -> None:
         "actor.ppo_epochs", "rollout.num_workers", "ref.num_workers", "reward.num_workers",
     )
     _check_mini_batches(cfg, "actor")
+    _check_micro_batching(cfg, "actor")
+    _check_micro_batching(cfg, "ref")
     _non_negative("trainer.critic_warmup", cfg.trainer.critic_warmup)
 
     alg = cfg.algorithm
@@ -143,6 +146,33 @@ def _check_mini_batches(cfg: DictConfig, role: str) -> None:
         raise ConfigError(
             f"{role}.ppo_mini_batch_size x rollout.n = {mini}x{n} = {mini * n} responses cannot be "
             f"split evenly over {role}.num_workers={workers}: use {role}.num_workers from {good}"
+        )
+
+
+def _check_micro_batching(cfg: DictConfig, role: str) -> None:
+    """Dynamic batching and sequence packing exclude each other, and the token cap must hold
+    the longest possible sequence (prompt + response)."""
+    role_cfg = cfg[role]
+    if role_cfg.use_dynamic_bsz and role_cfg.use_sequence_packing:
+        raise ConfigError(
+            f"{role}.use_dynamic_bsz=true and {role}.use_sequence_packing=true exclude each other: "
+            f"set one of them to false"
+        )
+    if not (role_cfg.use_dynamic_bsz or role_cfg.use_sequence_packing):
+        return
+    _one_of(f"{role}.packing_algorithm", role_cfg.packing_algorithm, PACKING_ALGORITHMS)
+    _positive(cfg, f"{role}.max_tokens_per_microbatch", f"{role}.sequence_length_round")
+    longest = int(cfg.data.max_prompt_length) + int(cfg.data.max_response_length)
+    if role_cfg.use_dynamic_bsz:
+        # dynamic micro-batches round every length up to a multiple of sequence_length_round
+        step = int(role_cfg.sequence_length_round)
+        longest = -(-longest // step) * step
+    cap = int(role_cfg.max_tokens_per_microbatch)
+    if cap < longest:
+        raise ConfigError(
+            f"{role}.max_tokens_per_microbatch={cap} cannot hold the longest sequence "
+            f"(data.max_prompt_length + data.max_response_length, rounded: {longest} tokens): "
+            f"raise it to at least {longest}"
         )
 
 

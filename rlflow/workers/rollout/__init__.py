@@ -1,0 +1,31 @@
+"""Rollout workers: one class per generation backend, all with the same ``generate`` contract."""
+
+from __future__ import annotations
+
+from rlflow.errors import ConfigError
+
+ROLLOUT_BACKEND_NAMES = ("hf", "vllm")
+
+
+def rollout_worker_class(backend: str) -> type:
+    """The rollout worker class for ``rollout.backend``: ``HFRolloutWorker`` or ``VLLMRolloutWorker``.
+
+    Imported lazily, so choosing ``hf`` never imports vLLM code and a missing vLLM install
+    fails here with an install hint instead of at start-up of every worker.
+    """
+    if backend == "hf":
+        from rlflow.workers.rollout.hf_rollout import HFRolloutWorker
+
+        return HFRolloutWorker
+    if backend == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError(
+                "rollout.backend=vllm but vLLM is not installed in this environment: install it "
+                "(see docs/vllm.md; `make test-vllm` builds .venv-vllm) or use rollout.backend=hf"
+            )
+        from rlflow.workers.rollout.vllm_rollout import VLLMRolloutWorker
+
+        return VLLMRolloutWorker
+    raise ConfigError(f"rollout.backend='{backend}' is not valid: use one of {', '.join(ROLLOUT_BACKEND_NAMES)}")
