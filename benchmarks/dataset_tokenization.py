@@ -8,14 +8,20 @@ What is timed, per tokenizer, on the same parquet file (verl schema, chat-messag
 * straightforward: ``datasets.Dataset.from_parquet`` (fresh cache folder), ``.filter`` with
   ``len(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True,
   return_dict=False)) <= L`` and ``.map`` tokenising each row the same way, ``num_proc=1``
-  (``return_dict=False`` because transformers 5 returns a dict by default). Being ~10x slower,
+  (``return_dict=False`` because transformers 5 returns a dict by default; datasets 5 runs
+  ``num_proc=1`` in one pool worker process, as verl's default does). Being ~10x slower,
   it runs on the first ``--slow-rows`` rows only; throughput is compared in rows/s.
+
+Speed-up, wall: best rlflow rows/s over straightforward rows/s. Speed-up, CPU time: the same
+with CPU seconds per row (all threads and child processes), which is less sensitive to other load
+on a shared machine; the fast tokenizer's batch encoding uses several cores, so on an idle
+machine the wall speed-up is the larger one.
 
 Both paths must keep the same rows with the same token ids (checked on the slow path's rows).
 
 Tokenizers, both built locally (no download) and loaded with ``from_pretrained``:
 
-* ``demo-char``: rlflow's demo character-level tokenizer, on arithmetic prompts (5-300 chars);
+* ``demo-char``: rlflow's demo character-level tokenizer, on arithmetic prompts (2-40 terms, 4-160 characters);
 * ``bpe-32k``: a byte-level BPE (vocab 32k, ChatML template) trained here on 50k rows of the
   synthetic text, on pseudo-natural-language prompts (lognormal lengths, median ~60 words, some with a
   system message).
@@ -146,30 +152,48 @@ def train_bpe_tokenizer(folder: Path, prompts: list[list[dict]], vocab_size: int
 # ----------------------------------------------------------------------------- the two paths
 
 
+def _cpu_seconds() -> float:
+    # Children count too: datasets 5 runs ``num_proc=1`` in one pool worker process.
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class Clock:
+    """Wall time and CPU time (all threads, finished child processes included) of a block."""
+
+    def __enter__(self) -> "Clock":
+        self._wall, self._cpu = time.perf_counter(), _cpu_seconds()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self._wall
+        self.cpu = _cpu_seconds() - self._cpu
+
+
 def time_rlflow(path: Path, tokenizer, max_len: int, workers: int):
     from rlflow.data.rlhf_dataset import RLHFDataset
 
-    start = time.perf_counter()
-    ds = RLHFDataset(str(path), tokenizer, max_prompt_length=max_len, filter_overlong_prompts_workers=workers)
-    return time.perf_counter() - start, ds
+    with Clock() as clock:
+        ds = RLHFDataset(str(path), tokenizer, max_prompt_length=max_len, filter_overlong_prompts_workers=workers)
+    return clock, ds
 
 
 def time_straightforward(path: Path, tokenizer, max_len: int, cache_dir: Path):
     import datasets
 
     datasets.disable_progress_bars()
-    start = time.perf_counter()
-    ds = datasets.Dataset.from_parquet(str(path), cache_dir=str(cache_dir))
-    ds = ds.filter(
-        lambda row: len(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=False))
-        <= max_len,
-        num_proc=1,
-    )
-    ds = ds.map(
-        lambda row: {"input_ids": tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=False)},
-        num_proc=1,
-    )
-    return time.perf_counter() - start, ds
+    with Clock() as clock:
+        ds = datasets.Dataset.from_parquet(str(path), cache_dir=str(cache_dir))
+        ds = ds.filter(
+            lambda row: len(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=False))
+            <= max_len,
+            num_proc=1,
+        )
+        ds = ds.map(
+            lambda row: {"input_ids": tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=False)},
+            num_proc=1,
+        )
+    return clock, ds
 
 
 def check_same_rows(fast_ds, slow_ds, slow_rows: int) -> None:
@@ -209,6 +233,7 @@ def main() -> None:
         setups.append(("bpe", "synthetic_text", text, lambda: train_bpe_tokenizer(work / "bpe_tok", text[:50_000]), 256))
         print(f"generated 2 x {args.rows} prompts in {time.perf_counter() - t:.1f}s", flush=True)
 
+        load_before = os.getloadavg()[0]
         results = []
         for name, source, prompts, make_tokenizer, max_len in setups:
             full = work / f"{name}.parquet"
@@ -216,33 +241,37 @@ def main() -> None:
             write_verl_parquet(full, prompts, source)
             write_verl_parquet(head, prompts[: args.slow_rows], source)
             tokenizer = make_tokenizer()
-            name = f"{name}-{len(tokenizer) // 1000}k" if len(tokenizer) >= 1000 else f"{name}-{len(tokenizer)}"
-            timings = {}
+            if len(tokenizer) >= 1000:
+                name = f"{name}-{len(tokenizer) // 1000}k"
+            fast = {}
             for workers in (1, 2):
-                seconds, ds = time_rlflow(full, tokenizer, max_len, workers)
-                timings[workers] = seconds
-                print(f"[{name}] rlflow workers={workers}: {args.rows} rows in {seconds:.2f}s "
-                      f"({args.rows / seconds:,.0f} rows/s), kept {len(ds)}, dropped {ds.num_dropped}", flush=True)
+                clock, ds = time_rlflow(full, tokenizer, max_len, workers)
+                fast[workers] = clock
+                print(f"[{name}] rlflow workers={workers}: {args.rows} rows in {clock.wall:.2f}s wall, "
+                      f"{clock.cpu:.2f}s CPU ({args.rows / clock.wall:,.0f} rows/s), "
+                      f"kept {len(ds)}, dropped {ds.num_dropped}", flush=True)
             cache = work / f"hf-cache-{name}"
             shutil.rmtree(cache, ignore_errors=True)
-            slow_s, slow_ds = time_straightforward(head, tokenizer, max_len, cache)
-            print(f"[{name}] straightforward: {args.slow_rows} rows in {slow_s:.2f}s "
-                  f"({args.slow_rows / slow_s:,.0f} rows/s), kept {len(slow_ds)}", flush=True)
+            slow, slow_ds = time_straightforward(head, tokenizer, max_len, cache)
+            print(f"[{name}] straightforward: {args.slow_rows} rows in {slow.wall:.2f}s wall, {slow.cpu:.2f}s CPU "
+                  f"({args.slow_rows / slow.wall:,.0f} rows/s), kept {len(slow_ds)}", flush=True)
             check_same_rows(ds, slow_ds, args.slow_rows)
-            mean_tokens = float(ds._lengths.float().mean())
-            results.append((name, max_len, mean_tokens, timings, slow_s))
+            results.append((name, max_len, float(ds._lengths.float().mean()), fast, slow))
 
         print()
         print(f"python {platform.python_version()}, {os.cpu_count()} CPU cores, rows={args.rows}, "
-              f"slow-path rows={args.slow_rows}")
-        print("| tokenizer | max_prompt_length | mean kept prompt tokens | rlflow rows/s (1 worker) "
-              "| rlflow rows/s (2 workers) | straightforward rows/s | speed-up (best rlflow / straightforward) |")
-        print("|---|---|---|---|---|---|---|")
-        for name, max_len, mean_tokens, timings, slow_s in results:
-            fast = {w: args.rows / s for w, s in timings.items()}
-            slow = args.slow_rows / slow_s
-            print(f"| {name} | {max_len} | {mean_tokens:.0f} | {fast[1]:,.0f} | {fast[2]:,.0f} | {slow:,.0f} "
-                  f"| {max(fast.values()) / slow:.1f}x |")
+              f"slow-path rows={args.slow_rows}, 1-min load average {load_before:.1f} before / "
+              f"{os.getloadavg()[0]:.1f} after")
+        print("| tokenizer | max_prompt_length | mean kept prompt tokens | rlflow rows/s, 1 worker "
+              "| rlflow rows/s, 2 workers | straightforward rows/s | speed-up, wall | speed-up, CPU time |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, max_len, mean_tokens, fast, slow in results:
+            best = min(fast.values(), key=lambda c: c.wall)
+            fast_rate = {w: args.rows / c.wall for w, c in fast.items()}
+            slow_rate = args.slow_rows / slow.wall
+            cpu_ratio = (slow.cpu / args.slow_rows) / (best.cpu / args.rows)
+            print(f"| {name} | {max_len} | {mean_tokens:.0f} | {fast_rate[1]:,.0f} | {fast_rate[2]:,.0f} "
+                  f"| {slow_rate:,.0f} | {max(fast_rate.values()) / slow_rate:.1f}x | {cpu_ratio:.1f}x |")
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -16,12 +16,27 @@ from typing import Any
 from omegaconf import DictConfig
 
 from rlflow.config.compose import compose_config
+from rlflow.errors import ConfigError
+from rlflow.trainer.config_checks import TRAINER_ALGORITHMS
+from rlflow.trainer.dpo_trainer import DPOTrainer
 from rlflow.trainer.rl_trainer import RLTrainer
 
 
-def build_trainer(cfg: DictConfig) -> RLTrainer:
-    """Start Ray (or join ``cluster.address``), spawn the worker groups, return the trainer."""
-    return RLTrainer(cfg)
+def build_trainer(cfg: DictConfig) -> RLTrainer | DPOTrainer:
+    """Start Ray (or join ``cluster.address``), spawn the worker groups, return the trainer.
+
+    ``trainer.algorithm`` picks it: ``rl`` (GRPO, PPO, RLOO, ... by ``algorithm.adv_estimator``)
+    gives an ``RLTrainer``, ``dpo`` a ``DPOTrainer``. Both offer ``step()``, ``fit()``,
+    ``metrics.history``, ``output_dir`` and ``close()``.
+    """
+    algorithm = cfg.trainer.algorithm
+    if algorithm == "dpo":
+        return DPOTrainer(cfg)
+    if algorithm == "rl":
+        return RLTrainer(cfg)
+    raise ConfigError(
+        f"trainer.algorithm='{algorithm}' is not valid: use one of {', '.join(TRAINER_ALGORITHMS)}"
+    )
 
 
 def train(cfg: DictConfig) -> list[dict[str, Any]]:

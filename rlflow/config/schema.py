@@ -68,6 +68,8 @@ class RolloutConfig:
     num_workers: int = 1
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 0.0
+    # Ray custom resources per worker; {node_a100: 1} pins the role to nodes that offer node_a100.
+    custom_resources: Dict[str, float] = field(default_factory=dict)
     torch_threads: int = 1
     # Sequences per generate() call on one worker; None = the whole shard at once.
     micro_batch_size: Optional[int] = None
@@ -91,6 +93,9 @@ class RolloutConfig:
     # Actor -> engine weight transport: "object_store" (Ray object store, CPU or GPU) or
     # "nccl" (broadcast from actor rank 0 to the engines; GPU, split placement).
     weight_sync: str = "object_store"
+    # Extra keyword arguments for vllm.LLM (e.g. {block_size: 32, quantization: fp8}); they
+    # override rlflow's own engine settings.
+    engine_kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -110,6 +115,8 @@ class ActorConfig:
     num_workers: int = 2
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 0.0
+    # Ray custom resources per worker; {node_a100: 1} pins the role to nodes that offer node_a100.
+    custom_resources: Dict[str, float] = field(default_factory=dict)
     torch_threads: int = 1
     strategy: str = "fsdp2"
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -150,6 +157,8 @@ class RefConfig:
     num_workers: int = 1
     cpus_per_worker: float = 0.25
     gpus_per_worker: float = 0.0
+    # Ray custom resources per worker; {node_a100: 1} pins the role to nodes that offer node_a100.
+    custom_resources: Dict[str, float] = field(default_factory=dict)
     torch_threads: int = 1
     log_prob_micro_batch_size_per_worker: int = 128
     # Same meaning as the actor's keys of the same names.
@@ -173,6 +182,8 @@ class CriticConfig:
     num_workers: int = 1
     cpus_per_worker: float = 0.25
     gpus_per_worker: float = 0.0
+    # Ray custom resources per worker; {node_a100: 1} pins the role to nodes that offer node_a100.
+    custom_resources: Dict[str, float] = field(default_factory=dict)
     torch_threads: int = 1
     # None: initialise from model.path (the policy's checkpoint), as PPO usually does.
     model_path: Optional[str] = None
@@ -208,6 +219,8 @@ class OverlongBufferConfig:
 class RewardConfig:
     num_workers: int = 1
     cpus_per_worker: float = 0.25
+    # Ray custom resources per worker; {node_a100: 1} pins the role to nodes that offer node_a100.
+    custom_resources: Dict[str, float] = field(default_factory=dict)
     custom_fn: CustomFunctionConfig = field(default_factory=CustomFunctionConfig)
     # A scorer that raises or runs longer than timeout_s on one sample gives that sample
     # error_score instead of stalling or failing the step (counted in reward/num_errors).

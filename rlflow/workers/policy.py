@@ -100,12 +100,17 @@ class PolicyWorker(Worker):
             )
         return "packed" if packing else "unpadded" if dynamic else "padded"
 
-    def _plan(self, batch: BatchedDataDict, micro_batch_size: int) -> tuple[str, list[list[int]]]:
+    def plan_micro_batches(
+        self, batch: BatchedDataDict, micro_batch_size: int
+    ) -> tuple[str, list[list[int]]]:
         """Split this rank's rows into micro-batches; returns (layout, row indices per step).
 
-        Every rank returns the same number of steps (FSDP collectives run once per forward and
-        backward, so the counts must line up): ranks agree on the largest count and the others
-        halve their heaviest micro-batches, or add empty steps when they run out of rows.
+        ``micro_batch_size`` (rows) applies to the padded layout only; dynamic batching and
+        packing cap each step at ``max_tokens_per_microbatch`` tokens instead. Every rank
+        returns the same number of steps (FSDP collectives run once per forward and backward,
+        so the counts must line up): ranks agree on the largest count with one all-reduce,
+        which makes this a collective, and the others halve their heaviest micro-batches, or
+        add empty steps when they run out of rows.
         """
         layout = self._layout()
         rcfg = self._role_cfg()
@@ -188,7 +193,7 @@ class PolicyWorker(Worker):
         ``micro_batch_size`` applies to fixed-size micro-batches only.
         """
         self.model.eval()
-        layout, groups = self._plan(batch, micro_batch_size)
+        layout, groups = self.plan_micro_batches(batch, micro_batch_size)
         shape = batch["responses"].shape
         log_probs = torch.zeros(shape, dtype=torch.float32)
         entropy = torch.zeros(shape, dtype=torch.float32)
@@ -279,7 +284,7 @@ class PolicyWorker(Worker):
             norm_length=int(self.cfg.data.max_response_length),
         )
         stats = torch.zeros(6, dtype=torch.float64)
-        layout, groups = self._plan(mini, int(acfg.ppo_micro_batch_size_per_worker))
+        layout, groups = self.plan_micro_batches(mini, int(acfg.ppo_micro_batch_size_per_worker))
         for rows in groups:
             if not rows:
                 self._idle_step(backward=True)

@@ -7,6 +7,18 @@ from rlflow.errors import ConfigError
 ROLLOUT_BACKEND_NAMES = ("hf", "vllm")
 
 
+def vllm_installed() -> bool:
+    """True when an installed vLLM package is importable.
+
+    A folder named ``vllm`` without ``__init__.py`` on ``sys.path`` (such as ``tests/vllm``
+    under pytest) is a namespace package with no origin; it does not count.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin is not None
+
+
 def rollout_worker_class(backend: str) -> type:
     """The rollout worker class for ``rollout.backend``: ``HFRolloutWorker`` or ``VLLMRolloutWorker``.
 
@@ -18,9 +30,7 @@ def rollout_worker_class(backend: str) -> type:
 
         return HFRolloutWorker
     if backend == "vllm":
-        import importlib.util
-
-        if importlib.util.find_spec("vllm") is None:
+        if not vllm_installed():
             raise ConfigError(
                 "rollout.backend=vllm but vLLM is not installed in this environment: install it "
                 "(see docs/vllm.md; `make test-vllm` builds .venv-vllm) or use rollout.backend=hf"

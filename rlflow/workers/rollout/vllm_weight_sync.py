@@ -19,8 +19,8 @@ uni-process executor: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and ``tensor_parallel
 because an ObjectRef only resolves inside a Ray worker.
 
 ``NcclWeightSender`` is the actor-side half of the ``nccl`` backend for GPU runs with split
-placement; it drives the rollout actors through ``RayVLLMWeightSyncClient``, whose four calls
-``VLLMRolloutWorker`` exposes under the same names.
+placement: vLLM's ``NCCLTrainerWeightTransferEngine`` drives the rollout actors through
+``RolloutActorsClient`` (vLLM's ``VLLMWeightSyncClient`` protocol over Ray actor handles).
 """
 
 from __future__ import annotations
@@ -103,10 +103,40 @@ def register_object_store_backend() -> None:
         WeightTransferEngineFactory.register_engine(OBJECT_STORE_BACKEND, ObjectStoreWeightTransferEngine)
 
 
+class RolloutActorsClient:
+    """vLLM's ``VLLMWeightSyncClient`` protocol over ``VLLMRolloutWorker`` actor handles.
+
+    vLLM's own ``RayVLLMWeightSyncClient`` calls ``update_weights(request)`` on the actor, a
+    name ``VLLMRolloutWorker`` keeps for rlflow's ``update_weights(state_ref, version)``; the
+    chunk call goes to ``update_weights_chunk`` instead. Every call fans out and waits.
+    """
+
+    def __init__(self, handles: list) -> None:
+        self.handles = list(handles)
+
+    def _all(self, method: str, *args: Any) -> None:
+        ray.get([getattr(h, method).remote(*args) for h in self.handles])
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        self._all("init_weight_transfer_engine", {"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self._all("start_weight_update")
+
+    def update_weights(self, update_info: Any) -> None:
+        self._all("update_weights_chunk", {"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._all("finish_weight_update")
+        if weight_version is not None:
+            self._all("set_weight_version", int(weight_version))
+
+
 class NcclWeightSender:
     """Actor-side NCCL sender for ``rollout.weight_sync=nccl`` (GPU, split placement).
 
-    Build it on every actor rank after the rollout group exists; rank 0 opens a NCCL group of
+    Build it on every actor rank after the rollout group exists (untested here: it needs GPUs
+    and a CUDA build of vLLM); rank 0 opens a NCCL group of
     ``1 + sum(engine ranks)`` members with the engines (vLLM's ``NCCLTrainerWeightTransferEngine``),
     the other ranks only take part in the FSDP all-gather of each parameter. ``send(version)``
     broadcasts every parameter and makes the engines record ``version``.
@@ -129,13 +159,12 @@ class NcclWeightSender:
         engine_world_size: int,
     ) -> None:
         from vllm.distributed.weight_transfer.base import ModuleSource
-        from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
         from vllm.distributed.weight_transfer.nccl_engine import (
             NCCLTrainerInitInfo,
             NCCLTrainerWeightTransferEngine,
         )
 
-        self.client = RayVLLMWeightSyncClient(list(rollout_handles))
+        self.client = RolloutActorsClient(rollout_handles)
         self.engine = NCCLTrainerWeightTransferEngine.trainer_init(
             NCCLTrainerInitInfo(
                 master_address=master_address,
@@ -152,6 +181,5 @@ class NcclWeightSender:
         """Broadcast the current weights (a collective over the actor ranks) and set ``version``."""
         self.engine.send_weights()
         if self.rank == 0:
-            # send_weights already ran start/update/finish on the engines; record the version
-            # the same way the object-store path does.
-            ray.get([h.set_weight_version.remote(int(version)) for h in self.client.handles])
+            # send_weights already ran start / update / finish on the engines.
+            self.client._all("set_weight_version", int(version))
