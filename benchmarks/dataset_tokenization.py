@@ -77,8 +77,38 @@ def arithmetic_prompts(n: int, rng: np.random.Generator) -> list[list[dict]]:
 def text_prompts(n: int, rng: np.random.Generator) -> list[list[dict]]:
     """Pseudo-English prompts: Zipf-distributed made-up words, lognormal lengths."""
     syllables = [
-        "ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "an", "or", "el", "is", "um", "qu", "th",
-        "st", "pr", "be", "do", "fu", "gi", "ha", "je", "ly", "ph", "ch", "wa", "xe", "yo", "ing", "ed",
+        "ka",
+        "lo",
+        "mi",
+        "ne",
+        "ru",
+        "sa",
+        "ti",
+        "vo",
+        "ze",
+        "an",
+        "or",
+        "el",
+        "is",
+        "um",
+        "qu",
+        "th",
+        "st",
+        "pr",
+        "be",
+        "do",
+        "fu",
+        "gi",
+        "ha",
+        "je",
+        "ly",
+        "ph",
+        "ch",
+        "wa",
+        "xe",
+        "yo",
+        "ing",
+        "ed",
     ]
     sizes = rng.integers(1, 6, size=60_000)
     vocab = sorted({"".join(rng.choice(syllables, size=k)) for k in sizes})
@@ -174,7 +204,9 @@ def time_rlflow(path: Path, tokenizer, max_len: int, workers: int):
     from rlflow.data.rlhf_dataset import RLHFDataset
 
     with Clock() as clock:
-        ds = RLHFDataset(str(path), tokenizer, max_prompt_length=max_len, filter_overlong_prompts_workers=workers)
+        ds = RLHFDataset(
+            str(path), tokenizer, max_prompt_length=max_len, filter_overlong_prompts_workers=workers
+        )
     return clock, ds
 
 
@@ -185,12 +217,22 @@ def time_straightforward(path: Path, tokenizer, max_len: int, cache_dir: Path):
     with Clock() as clock:
         ds = datasets.Dataset.from_parquet(str(path), cache_dir=str(cache_dir))
         ds = ds.filter(
-            lambda row: len(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=False))
-            <= max_len,
+            lambda row: (
+                len(
+                    tokenizer.apply_chat_template(
+                        row["prompt"], add_generation_prompt=True, return_dict=False
+                    )
+                )
+                <= max_len
+            ),
             num_proc=1,
         )
         ds = ds.map(
-            lambda row: {"input_ids": tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=False)},
+            lambda row: {
+                "input_ids": tokenizer.apply_chat_template(
+                    row["prompt"], add_generation_prompt=True, return_dict=False
+                )
+            },
             num_proc=1,
         )
     return clock, ds
@@ -205,7 +247,9 @@ def check_same_rows(fast_ds, slow_ds, slow_rows: int) -> None:
         fast_ids.append(fast_ds[j]["raw_prompt_ids"])
     slow_ids = slow_ds["input_ids"]
     if fast_ids != slow_ids:
-        raise SystemExit(f"MISMATCH: rlflow kept {len(fast_ids)} rows, the straightforward path {len(slow_ids)}")
+        raise SystemExit(
+            f"MISMATCH: rlflow kept {len(fast_ids)} rows, the straightforward path {len(slow_ids)}"
+        )
 
 
 # ----------------------------------------------------------------------------- main
@@ -214,7 +258,9 @@ def check_same_rows(fast_ds, slow_ds, slow_rows: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=200_000, help="rows per synthetic dataset")
-    parser.add_argument("--slow-rows", type=int, default=20_000, help="rows given to the straightforward path")
+    parser.add_argument(
+        "--slow-rows", type=int, default=20_000, help="rows given to the straightforward path"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None, help="keep files here instead of a temp folder")
     args = parser.parse_args()
@@ -230,7 +276,9 @@ def main() -> None:
         arith = arithmetic_prompts(args.rows, rng)
         setups.append(("demo-char", "arithmetic", arith, lambda: save_demo_tokenizer(work / "demo_tok"), 128))
         text = text_prompts(args.rows, rng)
-        setups.append(("bpe", "synthetic_text", text, lambda: train_bpe_tokenizer(work / "bpe_tok", text[:50_000]), 256))
+        setups.append(
+            ("bpe", "synthetic_text", text, lambda: train_bpe_tokenizer(work / "bpe_tok", text[:50_000]), 256)
+        )
         print(f"generated 2 x {args.rows} prompts in {time.perf_counter() - t:.1f}s", flush=True)
 
         load_before = os.getloadavg()[0]
@@ -247,31 +295,43 @@ def main() -> None:
             for workers in (1, 2):
                 clock, ds = time_rlflow(full, tokenizer, max_len, workers)
                 fast[workers] = clock
-                print(f"[{name}] rlflow workers={workers}: {args.rows} rows in {clock.wall:.2f}s wall, "
-                      f"{clock.cpu:.2f}s CPU ({args.rows / clock.wall:,.0f} rows/s), "
-                      f"kept {len(ds)}, dropped {ds.num_dropped}", flush=True)
+                print(
+                    f"[{name}] rlflow workers={workers}: {args.rows} rows in {clock.wall:.2f}s wall, "
+                    f"{clock.cpu:.2f}s CPU ({args.rows / clock.wall:,.0f} rows/s), "
+                    f"kept {len(ds)}, dropped {ds.num_dropped}",
+                    flush=True,
+                )
             cache = work / f"hf-cache-{name}"
             shutil.rmtree(cache, ignore_errors=True)
             slow, slow_ds = time_straightforward(head, tokenizer, max_len, cache)
-            print(f"[{name}] straightforward: {args.slow_rows} rows in {slow.wall:.2f}s wall, {slow.cpu:.2f}s CPU "
-                  f"({args.slow_rows / slow.wall:,.0f} rows/s), kept {len(slow_ds)}", flush=True)
+            print(
+                f"[{name}] straightforward: {args.slow_rows} rows in {slow.wall:.2f}s wall, {slow.cpu:.2f}s CPU "
+                f"({args.slow_rows / slow.wall:,.0f} rows/s), kept {len(slow_ds)}",
+                flush=True,
+            )
             check_same_rows(ds, slow_ds, args.slow_rows)
             results.append((name, max_len, float(ds._lengths.float().mean()), fast, slow))
 
         print()
-        print(f"python {platform.python_version()}, {os.cpu_count()} CPU cores, rows={args.rows}, "
-              f"slow-path rows={args.slow_rows}, 1-min load average {load_before:.1f} before / "
-              f"{os.getloadavg()[0]:.1f} after")
-        print("| tokenizer | max_prompt_length | mean kept prompt tokens | rlflow rows/s, 1 worker "
-              "| rlflow rows/s, 2 workers | straightforward rows/s | speed-up, wall | speed-up, CPU time |")
+        print(
+            f"python {platform.python_version()}, {os.cpu_count()} CPU cores, rows={args.rows}, "
+            f"slow-path rows={args.slow_rows}, 1-min load average {load_before:.1f} before / "
+            f"{os.getloadavg()[0]:.1f} after"
+        )
+        print(
+            "| tokenizer | max_prompt_length | mean kept prompt tokens | rlflow rows/s, 1 worker "
+            "| rlflow rows/s, 2 workers | straightforward rows/s | speed-up, wall | speed-up, CPU time |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for name, max_len, mean_tokens, fast, slow in results:
             best = min(fast.values(), key=lambda c: c.wall)
             fast_rate = {w: args.rows / c.wall for w, c in fast.items()}
             slow_rate = args.slow_rows / slow.wall
             cpu_ratio = (slow.cpu / args.slow_rows) / (best.cpu / args.rows)
-            print(f"| {name} | {max_len} | {mean_tokens:.0f} | {fast_rate[1]:,.0f} | {fast_rate[2]:,.0f} "
-                  f"| {slow_rate:,.0f} | {max(fast_rate.values()) / slow_rate:.1f}x | {cpu_ratio:.1f}x |")
+            print(
+                f"| {name} | {max_len} | {mean_tokens:.0f} | {fast_rate[1]:,.0f} | {fast_rate[2]:,.0f} "
+                f"| {slow_rate:,.0f} | {max(fast_rate.values()) / slow_rate:.1f}x | {cpu_ratio:.1f}x |"
+            )
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

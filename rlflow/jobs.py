@@ -203,7 +203,8 @@ def follow_logs(address: Optional[str], job_id: str, out: Optional[TextIO] = Non
     """Stream the job's log to ``out`` (default ``sys.stdout``) until it ends; return its status.
 
     Works from a script and from a notebook (where the kernel already runs an event loop).
-    The returned status is one of ``TERMINAL_STATUSES``: ``SUCCEEDED`` when the run finished.
+    The returned status is one of ``TERMINAL_STATUSES`` (``SUCCEEDED`` when the run finished),
+    unless the log stream broke off early (connection lost): then the job's current status.
 
     Raises:
         ValueError: the cluster has no job ``job_id``.

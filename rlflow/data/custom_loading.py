@@ -33,9 +33,13 @@ def _load_module(path: str) -> ModuleType:
         raise ConfigError(f"custom code path must be the path of a .py file, got {path!r}")
     full = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if not os.path.isfile(full):
-        raise ConfigError(f"custom code file {os.fspath(path)!r} not found; give the path of an existing .py file")
+        raise ConfigError(
+            f"custom code file {os.fspath(path)!r} not found; give the path of an existing .py file"
+        )
     if not full.endswith(".py"):
-        raise ConfigError(f"custom code file {os.fspath(path)!r} is not a .py file; give the path of a Python source file")
+        raise ConfigError(
+            f"custom code file {os.fspath(path)!r} is not a .py file; give the path of a Python source file"
+        )
     key = (full, os.stat(full).st_mtime_ns)
     with _LOCK:
         module = _MODULES.get(key)
@@ -83,11 +87,15 @@ def load_object(path: str, name: str) -> Any:
     module = _load_module(path)
     if not hasattr(module, name):
         public = sorted(n for n in vars(module) if not n.startswith("_"))
-        raise ConfigError(f"{name!r} is not defined in {module.__file__!r} (it defines: {public}); fix the name")
+        raise ConfigError(
+            f"{name!r} is not defined in {module.__file__!r} (it defines: {public}); fix the name"
+        )
     return getattr(module, name)
 
 
-def build_custom_dataset(path: str, name: str, config: Any, tokenizer: Any, files: Sequence[str] | str) -> Any:
+def build_custom_dataset(
+    path: str, name: str, config: Any, tokenizer: Any, files: Sequence[str] | str
+) -> Any:
     """Instantiate a user dataset class (or factory) ``name`` from the file ``path``.
 
     Construction: ``cls(**kwargs)`` where ``kwargs`` are those of ``data_files=files``,
@@ -98,7 +106,9 @@ def build_custom_dataset(path: str, name: str, config: Any, tokenizer: Any, file
     """
     factory = load_object(path, name)
     if not callable(factory):
-        raise ConfigError(f"custom dataset {name!r} in {path!r} is a {type(factory).__name__}; it must be a class")
+        raise ConfigError(
+            f"custom dataset {name!r} in {path!r} is a {type(factory).__name__}; it must be a class"
+        )
     offered = {"data_files": files, "tokenizer": tokenizer, "config": config}
     try:
         params = inspect.signature(factory).parameters

@@ -149,14 +149,18 @@ class ChatDataPacker(DataPacker):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"ChatDataPacker: {key} must be a positive int, got {value!r}")
         if self.truncation not in TRUNCATION_MODES:
-            raise ConfigError(f"ChatDataPacker: truncation={self.truncation!r} is not supported; use one of {list(TRUNCATION_MODES)}")
+            raise ConfigError(
+                f"ChatDataPacker: truncation={self.truncation!r} is not supported; use one of {list(TRUNCATION_MODES)}"
+            )
         if tokenizer is None or getattr(tokenizer, "pad_token_id", None) is None:
             raise ConfigError("ChatDataPacker needs a tokenizer with a pad token; set tokenizer.pad_token")
         self._encoder = ChatEncoder(tokenizer, self.apply_chat_template_kwargs)
 
     def _require_setup(self) -> ChatEncoder:
         if self._encoder is None:
-            raise RuntimeError("ChatDataPacker is not set up: pass a tokenizer or call setup(config, tokenizer) first")
+            raise RuntimeError(
+                "ChatDataPacker is not set up: pass a tokenizer or call setup(config, tokenizer) first"
+            )
         return self._encoder
 
     def _prompt_ids(self, row: Mapping[str, Any]) -> list[int]:
@@ -176,8 +180,12 @@ class ChatDataPacker(DataPacker):
         # The same truncation code as RLHFDataset, so the two paths cannot drift apart.
         ids_t = torch.tensor(ids, dtype=torch.long)
         ids_t, mask = postprocess_data(
-            ids_t, torch.ones_like(ids_t), self.max_prompt_length, int(self.tokenizer.pad_token_id),
-            left_pad=True, truncation=self.truncation,
+            ids_t,
+            torch.ones_like(ids_t),
+            self.max_prompt_length,
+            int(self.tokenizer.pad_token_id),
+            left_pad=True,
+            truncation=self.truncation,
         )
         return ids_t[mask.bool()].tolist()
 
@@ -199,7 +207,9 @@ class ChatDataPacker(DataPacker):
         if not items:
             raise ValueError("rollout_collate_fn: items is empty; need at least one rollout input")
         ids = [item["raw_prompt_ids"] for item in items]
-        input_ids = pad_2d_list_to_tensor(ids, int(self.tokenizer.pad_token_id), left_pad=True, max_length=self.max_prompt_length)
+        input_ids = pad_2d_list_to_tensor(
+            ids, int(self.tokenizer.pad_token_id), left_pad=True, max_length=self.max_prompt_length
+        )
         attention_mask = pad_2d_list_to_tensor(
             [[1] * len(x) for x in ids], 0, left_pad=True, max_length=self.max_prompt_length
         )
@@ -214,7 +224,9 @@ class ChatDataPacker(DataPacker):
 
     def get_policy_input(self, row: Mapping[str, Any], completion: str) -> dict[str, Any]:
         if not isinstance(completion, str):
-            raise TypeError(f"get_policy_input: completion must be the generated text (str), got {type(completion).__name__}")
+            raise TypeError(
+                f"get_policy_input: completion must be the generated text (str), got {type(completion).__name__}"
+            )
         prompt_ids = self._prompt_ids(row)
         response_ids = self._require_setup().encode([completion])[0] if completion else []
         if self.max_response_length is not None:

@@ -42,7 +42,11 @@ PROMPT_TRUNCATION_MODES = ("left", "right")
 
 
 def _is_message(value: Any) -> bool:
-    return isinstance(value, Mapping) and isinstance(value.get("role"), str) and isinstance(value.get("content"), str)
+    return (
+        isinstance(value, Mapping)
+        and isinstance(value.get("role"), str)
+        and isinstance(value.get("content"), str)
+    )
 
 
 def _is_conversation(value: Any) -> bool:
@@ -131,7 +135,9 @@ class PreferenceDataset(Dataset):
         if getattr(tokenizer, "eos_token_id", None) is None:
             raise ConfigError("tokenizer has no eos_token; set tokenizer.eos_token (it ends every answer)")
         if getattr(tokenizer, "pad_token_id", None) is None:
-            raise ConfigError("tokenizer has no pad token; set tokenizer.pad_token (for example to its eos_token)")
+            raise ConfigError(
+                "tokenizer has no pad token; set tokenizer.pad_token (for example to its eos_token)"
+            )
 
         self.files = paths
         self.tokenizer = tokenizer
@@ -172,8 +178,12 @@ class PreferenceDataset(Dataset):
         for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids, strict=True):
             self._rows.append(
                 truncate_pair(
-                    list(p), [*c, self.eos_token_id], [*r, self.eos_token_id],
-                    max_length, max_prompt_length, prompt_truncation,
+                    list(p),
+                    [*c, self.eos_token_id],
+                    [*r, self.eos_token_id],
+                    max_length,
+                    max_prompt_length,
+                    prompt_truncation,
                 )
             )
 
@@ -184,7 +194,10 @@ class PreferenceDataset(Dataset):
             text = value
         elif _is_message(value):
             if value["role"] != "assistant":
-                raise DataError(f"{where}: column {key!r} holds a {value['role']!r} message; the answer must be an assistant message")
+                raise DataError(
+                    f"{where}: column {key!r} holds a {value['role']!r} message; "
+                    "the answer must be an assistant message"
+                )
             text = value["content"]
         elif _is_conversation(value):
             last, earlier = value[-1], value[:-1]
@@ -205,7 +218,9 @@ class PreferenceDataset(Dataset):
                 f"got {value!r:.200}"
             )
         if not text.strip():
-            raise DataError(f"{where}: column {key!r} has an empty answer; remove the row or fill in the answer")
+            raise DataError(
+                f"{where}: column {key!r} has an empty answer; remove the row or fill in the answer"
+            )
         return text
 
     @staticmethod
@@ -230,7 +245,7 @@ class PreferenceDataset(Dataset):
         for side, answer in (("chosen", chosen), ("rejected", rejected)):
             ids = torch.tensor(prompt + answer, dtype=torch.long)
             loss_mask = torch.zeros_like(ids)
-            loss_mask[len(prompt):] = 1
+            loss_mask[len(prompt) :] = 1
             item[f"{side}_input_ids"] = ids
             item[f"{side}_attention_mask"] = torch.ones_like(ids)
             item[f"{side}_loss_mask"] = loss_mask
@@ -261,14 +276,22 @@ def collate_preference(
     """
     if not items:
         raise ValueError("collate_preference: items is empty; need at least one preference item")
-    if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
-        raise ValueError(f"collate_preference: pad_to_multiple_of must be an int >= 1, got {pad_to_multiple_of!r}")
+    if (
+        isinstance(pad_to_multiple_of, bool)
+        or not isinstance(pad_to_multiple_of, int)
+        or pad_to_multiple_of < 1
+    ):
+        raise ValueError(
+            f"collate_preference: pad_to_multiple_of must be an int >= 1, got {pad_to_multiple_of!r}"
+        )
     ids, masks, prompt_lengths, index = [], [], [], []
     for n, item in enumerate(items):
         for side in ("chosen", "rejected"):
             for key in (f"{side}_input_ids", f"{side}_loss_mask"):
                 if key not in item:
-                    raise ValueError(f"collate_preference: item {n} has no {key!r}; pass PreferenceDataset items")
+                    raise ValueError(
+                        f"collate_preference: item {n} has no {key!r}; pass PreferenceDataset items"
+                    )
             ids.append(item[f"{side}_input_ids"])
             masks.append(item[f"{side}_loss_mask"])
             prompt_lengths.append(int(item["prompt_length"]))
@@ -276,7 +299,9 @@ def collate_preference(
     lengths = [len(x) for x in ids]
     width = -(-max(lengths) // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = pad_2d_list_to_tensor(ids, pad_token_id, max_length=width)
-    attention_mask = pad_2d_list_to_tensor([torch.ones(n, dtype=torch.long) for n in lengths], 0, max_length=width)
+    attention_mask = pad_2d_list_to_tensor(
+        [torch.ones(n, dtype=torch.long) for n in lengths], 0, max_length=width
+    )
     return BatchedDataDict(
         {
             "input_ids": input_ids,

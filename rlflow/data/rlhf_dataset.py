@@ -46,7 +46,9 @@ def _first_line(exc: BaseException) -> str:
 # ----------------------------------------------------------------------------- file reading
 
 
-def _missing_column(path: str, column: str, present: Sequence[str], key_names: Mapping[str, str], where: str = "") -> DataError:
+def _missing_column(
+    path: str, column: str, present: Sequence[str], key_names: Mapping[str, str], where: str = ""
+) -> DataError:
     setting = key_names.get(column, "the matching column-name argument")
     return DataError(
         f"{where}data file {path!r} has no column {column!r} (columns: {sorted(present)}); "
@@ -161,9 +163,13 @@ def normalise_data_files(data_files: Any) -> list[str]:
 
 def is_chat_messages(messages: Any) -> bool:
     """True for a non-empty list of ``{"role": str, "content": str, ...}`` mappings."""
-    return isinstance(messages, list) and len(messages) > 0 and all(
-        isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in messages
+    return (
+        isinstance(messages, list)
+        and len(messages) > 0
+        and all(
+            isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
     )
 
 
@@ -241,7 +247,9 @@ class ChatEncoder:
             return [e.ids for e in self._backend.encode_batch_fast(texts, add_special_tokens=False)]
         # verbose=False: prompts longer than model_max_length are expected here (they are
         # filtered or truncated next), so the tokenizer's warning about them is noise.
-        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+        return [
+            list(ids) for ids in self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        ]
 
     def __call__(self, conversations: list[Any]) -> tuple[list[str], list[list[int]]]:
         texts = self.render(conversations)
@@ -335,13 +343,23 @@ class RLHFDataset(Dataset):
         apply_chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         files = normalise_data_files(data_files)
-        if isinstance(max_prompt_length, bool) or not isinstance(max_prompt_length, int) or max_prompt_length <= 0:
+        if (
+            isinstance(max_prompt_length, bool)
+            or not isinstance(max_prompt_length, int)
+            or max_prompt_length <= 0
+        ):
             raise ConfigError(f"max_prompt_length must be a positive int, got {max_prompt_length!r}")
         if truncation not in TRUNCATION_MODES:
-            raise ConfigError(f"truncation={truncation!r} is not supported; use one of {list(TRUNCATION_MODES)}")
+            raise ConfigError(
+                f"truncation={truncation!r} is not supported; use one of {list(TRUNCATION_MODES)}"
+            )
         if not isinstance(prompt_key, str) or not prompt_key:
             raise TypeError(f"prompt_key must be a non-empty str, got {prompt_key!r}")
-        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or not (max_samples == -1 or max_samples > 0):
+        if (
+            isinstance(max_samples, bool)
+            or not isinstance(max_samples, int)
+            or not (max_samples == -1 or max_samples > 0)
+        ):
             raise ConfigError(f"max_samples must be -1 (all rows) or a positive int, got {max_samples!r}")
         workers = filter_overlong_prompts_workers
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -409,7 +427,9 @@ class RLHFDataset(Dataset):
         local, path = self._locate(row)
         return f"row {local} of {path!r}"
 
-    def _encode_checked(self, encoder: ChatEncoder, start: int, chunk: Sequence[Any]) -> tuple[list[str], list[list[int]]]:
+    def _encode_checked(
+        self, encoder: ChatEncoder, start: int, chunk: Sequence[Any]
+    ) -> tuple[list[str], list[list[int]]]:
         """Validate a chunk's messages (naming the row on error), then render and tokenise it."""
         for offset, messages in enumerate(chunk):
             if not is_chat_messages(messages):
@@ -469,7 +489,9 @@ class RLHFDataset(Dataset):
                         kept_texts.append(texts[offset])
                 # Packing each chunk right away frees its Python int lists before the next one.
                 count = sum(len(r) for r in chunk_ids)
-                id_chunks.append(np.fromiter(itertools.chain.from_iterable(chunk_ids), dtype=np.int32, count=count))
+                id_chunks.append(
+                    np.fromiter(itertools.chain.from_iterable(chunk_ids), dtype=np.int32, count=count)
+                )
                 if len(kept) >= limit:
                     break
         finally:

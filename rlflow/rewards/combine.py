@@ -54,19 +54,27 @@ class CombinedReward:
 
     def __init__(self, components: Sequence[tuple[Any, ...]]) -> None:
         if isinstance(components, (str, bytes)) or not isinstance(components, Sequence) or not components:
-            raise ConfigError("CombinedReward needs a non-empty list of (fn, weight) or (name, fn, weight) tuples")
+            raise ConfigError(
+                "CombinedReward needs a non-empty list of (fn, weight) or (name, fn, weight) tuples"
+            )
         self.components: list[tuple[str, RewardFn, float]] = []
         for n, entry in enumerate(components):
             if not isinstance(entry, tuple) or len(entry) not in (2, 3):
-                raise ConfigError(f"reward component {n} is {entry!r:.80}; give (fn, weight) or (name, fn, weight)")
+                raise ConfigError(
+                    f"reward component {n} is {entry!r:.80}; give (fn, weight) or (name, fn, weight)"
+                )
             name, fn, weight = entry if len(entry) == 3 else (None, *entry)
             if not callable(fn):
                 raise ConfigError(f"reward component {n}: {fn!r:.80} is not callable")
             name = _component_name(fn) if name is None else name
             if not isinstance(name, str) or not name or name == "score" or "/" in name:
-                raise ConfigError(f"reward component {n}: name {name!r} must be a non-empty str other than 'score', without '/'")
+                raise ConfigError(
+                    f"reward component {n}: name {name!r} must be a non-empty str other than 'score', without '/'"
+                )
             if any(name == existing for existing, _, _ in self.components):
-                raise ConfigError(f"two reward components are named {name!r}; give one another name (spec 'label')")
+                raise ConfigError(
+                    f"two reward components are named {name!r}; give one another name (spec 'label')"
+                )
             self.components.append((name, fn, _check_weight(name, weight)))
 
     @property
@@ -84,7 +92,10 @@ class CombinedReward:
         out: dict[str, Any] = {}
         for name, fn, weight in self.components:
             result = fn(
-                data_source=data_source, solution_str=solution_str, ground_truth=ground_truth, extra_info=extra_info
+                data_source=data_source,
+                solution_str=solution_str,
+                ground_truth=ground_truth,
+                extra_info=extra_info,
             )
             if isinstance(result, Mapping):
                 if "score" not in result:
@@ -97,7 +108,9 @@ class CombinedReward:
             else:
                 score, extras = result, {}
             if isinstance(score, bool) or not isinstance(score, numbers.Real):
-                raise ValueError(f"reward component {name!r} returned score {score!r:.80}; it must be a number")
+                raise ValueError(
+                    f"reward component {name!r} returned score {score!r:.80}; it must be a number"
+                )
             out[name] = float(score)
             for key, value in extras.items():
                 out[f"{name}/{key}"] = value
@@ -157,20 +170,26 @@ def build_reward_fn(specs: Sequence[Any]) -> CombinedReward:
             components.append((_component_name(spec), spec, 1.0))
             continue
         if not isinstance(spec, Mapping):
-            raise ConfigError(f"reward spec {n} is {spec!r:.80}; give a callable or a {{path, name, weight}} mapping")
+            raise ConfigError(
+                f"reward spec {n} is {spec!r:.80}; give a callable or a {{path, name, weight}} mapping"
+            )
         unknown = sorted(set(spec) - _SPEC_KEYS)
         if unknown:
             raise ConfigError(f"reward spec {n} has unknown keys {unknown}; allowed: {sorted(_SPEC_KEYS)}")
         path, name = spec.get("path"), spec.get("name")
         if path:
             if not name:
-                raise ConfigError(f"reward spec {n}: 'name' is required with 'path' {path!r} (the function to load)")
+                raise ConfigError(
+                    f"reward spec {n}: 'name' is required with 'path' {path!r} (the function to load)"
+                )
             fn = load_object(path, name)
             if not callable(fn):
                 raise ConfigError(f"reward spec {n}: {name!r} in {path!r} is not callable")
         else:
             if name is not None and not isinstance(name, str):
-                raise ConfigError(f"reward spec {n}: registry 'name' must be a data_source string or null, got {name!r}")
+                raise ConfigError(
+                    f"reward spec {n}: registry 'name' must be a data_source string or null, got {name!r}"
+                )
             fn = _registry_component(name)
         label = spec.get("label") or name or "default"
         components.append((label, fn, _check_weight(label, spec.get("weight", 1.0))))

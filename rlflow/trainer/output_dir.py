@@ -113,11 +113,12 @@ def default_output_dir(
         ValueError: an empty or escaping experiment name, or a relative ``RLFLOW_OUTPUT_ROOT``.
     """
     name = _check_experiment_name(experiment_name)
-    root = output_root(environ, cwd)
+    env = os.environ if environ is None else environ
+    here = os.getcwd() if cwd is None else cwd
+    root = output_root(env, here)
     stamp = time.strftime(TIMESTAMP_FORMAT, time.localtime(now))
     path = os.path.join(root, name, stamp)
-    env = os.environ if environ is None else environ
-    if not env.get(OUTPUT_ROOT_ENV_VAR) and is_ray_job_driver(env, cwd or os.getcwd()):
+    if not env.get(OUTPUT_ROOT_ENV_VAR) and is_ray_job_driver(env, here):
         logger.warning(
             "running as a Ray job without trainer.output_dir: writing outputs to %s on the node "
             "that runs the driver; set trainer.output_dir or %s to shared storage to keep them",

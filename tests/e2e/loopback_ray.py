@@ -1,10 +1,11 @@
 """A real multi-node Ray cluster on one machine, for end-to-end tests.
 
-Each node is a ``ray start --block`` process joined through 127.0.0.1, with its own ports and custom
-resources; all share a private HOME and Ray temp dir and run with ``RAY_AUTH_MODE=disabled``.
-``--block`` keeps every Ray process of a node (GCS, raylet, dashboard, workers) a
-descendant of the process we started, so ``stop()`` ends exactly those, by pid. (``ray stop``
-is not used: it kills every Ray process on the machine, including other users' clusters.)
+Each node is a ``ray start --block`` process, joined through 127.0.0.1, with its own ports
+and custom resources; all share a private HOME and Ray temp dir and run with
+``RAY_AUTH_MODE=disabled``. ``--block`` keeps every Ray process of a node (GCS, raylet,
+dashboard, workers) a descendant of the process we started, so ``stop()`` ends exactly
+those, by pid. ``ray stop`` is not used: it kills every Ray process on the machine,
+other users' clusters included.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ class LoopbackCluster:
         self.dashboard_port: Optional[int] = None
         self._procs: list[subprocess.Popen] = []
         env = dict(os.environ)
-        for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RLFLOW_OUTPUT_ROOT"):
+        for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RLFLOW_OUTPUT_ROOT", "RAY_JOB_CONFIG_JSON_ENV_VAR",
+                    "RAY_JOB_ID"):
             env.pop(key, None)
         env.update(
             HOME=str(self.home),
@@ -161,7 +163,8 @@ class LoopbackCluster:
             time.sleep(1)
 
     def read_logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.logs.iterdir())
+        parts = [f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.logs.iterdir()]
+        return "\n".join(parts)
 
     def processes(self) -> list[psutil.Process]:
         """Every live process of this cluster: the ``ray start`` processes and their descendants."""

@@ -78,7 +78,9 @@ def test_ray_job_submit_cli_writes_to_the_given_output_dir(head, working_dir, tm
     assert not files_in_ray_job_dirs(head, "metrics.jsonl")
 
 
-def test_submit_run_without_output_dir_lands_under_rlflow_output_root(head, working_dir, tmp_path, monkeypatch):
+def test_submit_run_without_output_dir_lands_under_rlflow_output_root(
+    head, working_dir, tmp_path, monkeypatch
+):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     root = tmp_path / "output_root"
     job_id = jobs.submit_run(

@@ -31,7 +31,7 @@ def two_nodes():
         cluster.start_head(num_cpus=2, resources={"node_head": 100})
         cluster.add_node(num_cpus=2, resources={"node_worker": 100})
         nodes = cluster.wait_for_nodes(2)
-        ids = {key: n["node_id"] for n in nodes for key in ("node_head", "node_worker") if key in n["resources"]}
+        ids = {k: n["node_id"] for n in nodes for k in ("node_head", "node_worker") if k in n["resources"]}
         assert set(ids) == {"node_head", "node_worker"} and ids["node_head"] != ids["node_worker"], nodes
         yield cluster, ids
     finally:

@@ -95,7 +95,9 @@ def test_quickstart_notebook_runs_in_fresh_kernel(kernel_sandbox, tmp_path):
         MPLBACKEND="Agg",
         PYDEVD_DISABLE_FILE_VALIDATION="1",
     )
-    env.pop("RLFLOW_OUTPUT_ROOT", None)  # the notebook's default output folder is under its cwd
+    # The notebook's default output folder is then ./outputs under the kernel's cwd.
+    for key in ("RLFLOW_OUTPUT_ROOT", "RAY_JOB_CONFIG_JSON_ENV_VAR", "RAY_JOB_ID"):
+        env.pop(key, None)
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     deadline = time.monotonic() + TOTAL_TIMEOUT_S

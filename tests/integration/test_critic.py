@@ -209,3 +209,22 @@ def test_two_fsdp_ranks_match_one_process(ray_cluster):
         for key in ("critic/vf_loss", "critic/vpred_mean", "critic/vf_clipfrac"):
             assert two[0][key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
         assert two[0]["critic/grad_norm"] == pytest.approx(one["critic/grad_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"critic.ppo_mini_batch_size": 100}, "critic.ppo_mini_batch_size"),
+        ({"critic.num_workers": 3}, "critic.num_workers"),
+        ({"critic.cliprange_value": -1}, "critic.cliprange_value"),
+        ({"critic.loss_agg_mode": "sum"}, "critic.loss_agg_mode"),
+        ({"algorithm.adv_estimator": "grpo", "rollout.n": 4, "trainer.critic_warmup": 3}, "trainer.critic_warmup"),
+    ],
+)
+def test_bad_critic_settings_name_the_key(overrides, key):
+    from rlflow.errors import ConfigError
+    from rlflow.trainer.config_checks import check_config
+
+    items = [f"{k}={v}" for k, v in overrides.items()]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        check_config(rlflow.compose_config("ppo", overrides=items))

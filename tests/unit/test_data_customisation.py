@@ -59,8 +59,12 @@ def test_chat_packer_rollout_batch_equals_rlhf_dataset(tmp_path, tokenizer, trun
     path = tmp_path / "d.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     ds = RLHFDataset(
-        str(path), tokenizer, max_prompt_length=10, truncation=truncation,
-        filter_overlong_prompts=filter_overlong, return_raw_chat=True,
+        str(path),
+        tokenizer,
+        max_prompt_length=10,
+        truncation=truncation,
+        filter_overlong_prompts=filter_overlong,
+        return_raw_chat=True,
     )
     packer = ChatDataPacker(tokenizer, max_prompt_length=10, truncation=truncation)
     kept_rows = [rows[ds[j]["index"]] for j in range(len(ds))]
@@ -90,13 +94,16 @@ def test_chat_packer_policy_batch_has_the_rollout_layout(tokenizer):
     rows = [row("1+2="), row("9=")]
     # The completions as a backend decodes them without skipping special tokens.
     completions = ["3<|end|>", "12345"]
-    batch = packer.policy_collate_fn([packer.get_policy_input(r, c) for r, c in zip(rows, completions)])
+    batch = packer.policy_collate_fn([packer.get_policy_input(r, c) for r, c in zip(rows, completions, strict=True)])
     prompt0 = [USER, *ids_of("1+2="), EOS, ASSISTANT]  # 7 tokens
     prompt1 = [USER, *ids_of("9="), EOS, ASSISTANT]  # 5 tokens
     assert batch["prompts"].tolist() == [[PAD] + prompt0, [PAD] * 3 + prompt1]
     assert batch["responses"].tolist() == [[*ids_of("3"), EOS, PAD, PAD], ids_of("1234")]
     assert batch["response_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
-    assert batch["input_ids"].tolist() == [[PAD] + prompt0 + [*ids_of("3"), EOS, PAD, PAD], [PAD] * 3 + prompt1 + ids_of("1234")]
+    assert batch["input_ids"].tolist() == [
+        [PAD] + prompt0 + [*ids_of("3"), EOS, PAD, PAD],
+        [PAD] * 3 + prompt1 + ids_of("1234"),
+    ]
     assert batch["attention_mask"].tolist() == [[0] + [1] * 9 + [0, 0], [0] * 3 + [1] * 9]
     assert batch["position_ids"].tolist() == [
         [0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 8, 8],
@@ -134,7 +141,10 @@ def test_base_packer_methods_must_be_overridden():
 
 
 def test_load_object_by_path(tmp_path):
-    path = write_module(tmp_path, "user_code.py", """
+    path = write_module(
+        tmp_path,
+        "user_code.py",
+        """
         from dataclasses import dataclass
 
         @dataclass
@@ -143,7 +153,8 @@ def test_load_object_by_path(tmp_path):
 
         def double(v):
             return 2 * v
-    """)
+    """,
+    )
     assert load_object(path, "double")(21) == 42
     point_cls = load_object(path, "Point")
     assert point_cls(3).x == 3
@@ -249,7 +260,10 @@ def test_build_custom_dataset_passes_declared_arguments_and_calls_setup(tmp_path
     # Its rows go through the default packer like RLHFDataset rows.
     packer = resolve_packer(None, config={"data": config}, tokenizer=tokenizer)
     batch = packer.rollout_collate_fn([packer.get_rollout_input(ds[i]) for i in range(2)])
-    assert batch["raw_prompt_ids"] == [[USER, *ids_of("1+1="), EOS, ASSISTANT], [USER, *ids_of("2+2="), EOS, ASSISTANT]]
+    assert batch["raw_prompt_ids"] == [
+        [USER, *ids_of("1+1="), EOS, ASSISTANT],
+        [USER, *ids_of("2+2="), EOS, ASSISTANT],
+    ]
 
     assert build_custom_dataset(path, "OnlyConfig", config, tokenizer, ["x"]).config is config
     anything = build_custom_dataset(path, "Anything", config, tokenizer, ["x"])
@@ -297,13 +311,21 @@ def test_resolve_packer_by_object_class_and_path(tmp_path, tokenizer):
     path = write_module(tmp_path, "my_packer.py", PACKER_SOURCE)
     cls = load_object(path, "QuestionPacker")
     config = {"data": {}}
-    for spec in ((path, "QuestionPacker"), [path, "QuestionPacker"], {"path": path, "name": "QuestionPacker"}, cls, cls()):
+    for spec in (
+        (path, "QuestionPacker"),
+        [path, "QuestionPacker"],
+        {"path": path, "name": "QuestionPacker"},
+        cls,
+        cls(),
+    ):
         packer = resolve_packer(spec, config=config, tokenizer=tokenizer)
         assert isinstance(packer, cls)
         assert packer.config is config and packer.tokenizer is tokenizer
         batch = packer.rollout_collate_fn([packer.get_rollout_input({"question": "1+1="})])
         assert batch["messages"] == [[{"role": "user", "content": "1+1="}]]
-        assert packer.policy_collate_fn([packer.get_policy_input({"question": "1+1="}, "2")])["text"] == ["1+1=2"]
+        assert packer.policy_collate_fn([packer.get_policy_input({"question": "1+1="}, "2")])["text"] == [
+            "1+1=2"
+        ]
     instance = load_object(path, "INSTANCE")
     assert resolve_packer((path, "INSTANCE")) is instance
     default = resolve_packer(None, tokenizer=tokenizer)

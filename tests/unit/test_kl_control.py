@@ -130,3 +130,33 @@ def test_masked_positions_ignore_garbage_log_probs():
     rewards, metrics = apply_kl_in_reward(scores, logp, ref, mask, FixedKLController(1.0), "k1")
     assert torch.equal(rewards, torch.tensor([[0.0, 1.0, 0.0]]))
     assert metrics["actor/reward_kl_penalty"] == 0.0
+
+
+# ------------------------------------------------------------------ config checks
+
+
+def _check(overrides: list[str]) -> None:
+    import rlflow
+    from rlflow.trainer.config_checks import check_config
+
+    check_config(rlflow.compose_config("ppo", overrides=overrides))
+
+
+def test_ppo_recipe_passes_the_checks():
+    _check([])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("algorithm.kl_penalty=k4", "algorithm.kl_penalty"),
+        ("algorithm.kl_ctrl.type=pid", "algorithm.kl_ctrl.type"),
+        ("algorithm.kl_ctrl.target_kl=0", "algorithm.kl_ctrl.target_kl"),
+        ("algorithm.kl_ctrl.horizon=0", "algorithm.kl_ctrl.horizon"),
+        ("algorithm.kl_ctrl.kl_coef=-0.1", "algorithm.kl_ctrl.kl_coef"),
+        ("actor.recompute_old_log_prob=never", "actor.recompute_old_log_prob"),
+    ],
+)
+def test_bad_kl_settings_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        _check([override])

@@ -32,7 +32,7 @@ def ids_of(text: str) -> list[int]:
 
 
 def chat_prompt_ids(content: str) -> list[int]:
-    """"<|user|>content<|end|><|assistant|>" by hand."""
+    """ "<|user|>content<|end|><|assistant|>" by hand."""
     return [USER, *ids_of(content), EOS, ASSISTANT]
 
 
@@ -66,7 +66,9 @@ def dataset(tmp_path, tokenizer, rows, *, jsonl=True, **kwargs) -> PreferenceDat
 
 
 def test_chat_prompt_and_string_answers(tmp_path, tokenizer):
-    ds = dataset(tmp_path, tokenizer, [{"prompt": user("1+2="), "chosen": "3", "rejected": "42"}], jsonl=False)
+    ds = dataset(
+        tmp_path, tokenizer, [{"prompt": user("1+2="), "chosen": "3", "rejected": "42"}], jsonl=False
+    )
     item = ds[0]
     prompt = chat_prompt_ids("1+2=")
     assert prompt == [3, 7, 16, 8, 19, 5, 4]
@@ -116,8 +118,24 @@ def test_several_files_concatenate(tmp_path, tokenizer):
     a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "1", "chosen": "2", "rejected": "3"}])
     b = write_parquet(tmp_path / "b.parquet", [{"q": user("4"), "good": "5", "bad": "6"}] * 2)
     with pytest.raises(ValueError, match="a.jsonl.*no column 'q'.*prompt_key"):
-        PreferenceDataset([b, a], tokenizer, prompt_key="q", chosen_key="good", rejected_key="bad", max_length=9, max_prompt_length=4)
-    ds = PreferenceDataset([b, b], tokenizer, prompt_key="q", chosen_key="good", rejected_key="bad", max_length=9, max_prompt_length=4)
+        PreferenceDataset(
+            [b, a],
+            tokenizer,
+            prompt_key="q",
+            chosen_key="good",
+            rejected_key="bad",
+            max_length=9,
+            max_prompt_length=4,
+        )
+    ds = PreferenceDataset(
+        [b, b],
+        tokenizer,
+        prompt_key="q",
+        chosen_key="good",
+        rejected_key="bad",
+        max_length=9,
+        max_prompt_length=4,
+    )
     assert len(ds) == 4 and [ds[i]["index"] for i in range(4)] == [0, 1, 2, 3]
     assert ds[3]["chosen_input_ids"].tolist() == chat_prompt_ids("4") + ids_of("5") + [EOS]
 
@@ -178,7 +196,7 @@ def test_truncate_pair_against_a_direct_statement_of_the_policy():
             assert (tp, tc, tr) == (p, c, r)
             continue
         assert len(tp) == min(len(p), max_prompt)
-        assert tp == (p[len(p) - len(tp):] if side == "left" else p[: len(tp)])
+        assert tp == (p[len(p) - len(tp) :] if side == "left" else p[: len(tp)])
         for full, cut in ((c, tc), (r, tr)):
             assert cut == full[: max_length - len(tp)]
             assert len(tp) + len(cut) <= max_length and len(cut) >= 1
@@ -196,11 +214,21 @@ def test_collate_interleaves_chosen_and_rejected(tmp_path, tokenizer):
     items = [ds[0], ds[1]]
     batch = ds.collate(items)
     assert isinstance(batch, BatchedDataDict) and batch.size == 4
-    sequences = [items[0]["chosen_input_ids"], items[0]["rejected_input_ids"], items[1]["chosen_input_ids"], items[1]["rejected_input_ids"]]
-    masks = [items[0]["chosen_loss_mask"], items[0]["rejected_loss_mask"], items[1]["chosen_loss_mask"], items[1]["rejected_loss_mask"]]
+    sequences = [
+        items[0]["chosen_input_ids"],
+        items[0]["rejected_input_ids"],
+        items[1]["chosen_input_ids"],
+        items[1]["rejected_input_ids"],
+    ]
+    masks = [
+        items[0]["chosen_loss_mask"],
+        items[0]["rejected_loss_mask"],
+        items[1]["chosen_loss_mask"],
+        items[1]["rejected_loss_mask"],
+    ]
     width = max(len(s) for s in sequences)
     assert batch["input_ids"].shape == (4, width) == (4, 10)  # 6-token prompt + "333" + EOS
-    for r, (seq, mask) in enumerate(zip(sequences, masks)):
+    for r, (seq, mask) in enumerate(zip(sequences, masks, strict=True)):
         n = len(seq)
         assert batch["input_ids"][r].tolist() == seq.tolist() + [PAD] * (width - n)
         assert batch["loss_mask"][r].tolist() == mask.tolist() + [0] * (width - n)
@@ -233,7 +261,9 @@ def test_collate_interleaves_chosen_and_rejected(tmp_path, tokenizer):
 # --------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("missing, setting", [("prompt", "prompt_key"), ("chosen", "chosen_key"), ("rejected", "rejected_key")])
+@pytest.mark.parametrize(
+    "missing, setting", [("prompt", "prompt_key"), ("chosen", "chosen_key"), ("rejected", "rejected_key")]
+)
 def test_missing_column(tmp_path, tokenizer, missing, setting):
     row = {"prompt": "1", "chosen": "2", "rejected": "3"}
     del row[missing]

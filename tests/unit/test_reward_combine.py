@@ -98,13 +98,15 @@ def reward_file(tmp_path):
 
 
 def test_build_from_paths_registry_and_callables(reward_file):
-    reward = build_reward_fn([
-        {"path": reward_file, "name": "exact", "weight": 1.0},
-        {"path": reward_file, "name": "format_ok", "weight": 0.2},
-        {"path": None, "name": None, "weight": 0.5},  # registry by the row's data_source
-        {"name": "arithmetic", "weight": 0.25, "label": "arith"},  # one registry scorer, always
-        short,
-    ])
+    reward = build_reward_fn(
+        [
+            {"path": reward_file, "name": "exact", "weight": 1.0},
+            {"path": reward_file, "name": "format_ok", "weight": 0.2},
+            {"path": None, "name": None, "weight": 0.5},  # registry by the row's data_source
+            {"name": "arithmetic", "weight": 0.25, "label": "arith"},  # one registry scorer, always
+            short,
+        ]
+    )
     assert reward.names == ["exact", "format_ok", "default", "arith", "short"]
     out = call(reward, "7", truth="7", source="arithmetic")
     # exact 1, format 0.5, arithmetic scorer 1 (twice), short -0.1

@@ -83,3 +83,35 @@ def test_varied_group_indices_matches_std_rule():
 def test_varied_group_indices_length_mismatch():
     with pytest.raises(ValueError, match="group ids"):
         varied_group_indices(["a", "b"], [1.0])
+
+
+# ------------------------------------------------------------------ config checks
+
+
+def _check(recipe: str, overrides: list[str]) -> None:
+    import rlflow
+    from rlflow.trainer.config_checks import check_config
+
+    check_config(rlflow.compose_config(recipe, overrides=overrides))
+
+
+def test_dapo_recipe_passes_the_checks():
+    _check("dapo", [])
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["reward.overlong_buffer.len=0"], "reward.overlong_buffer.len"),
+        (["reward.overlong_buffer.len=5"], "reward.overlong_buffer.len"),  # > max_response_length 4
+        (["reward.overlong_buffer.penalty_factor=-1"], "reward.overlong_buffer.penalty_factor"),
+        (["algorithm.filter_groups.metric=acc"], "algorithm.filter_groups.metric"),
+        (["algorithm.filter_groups.max_num_gen_batches=0"], "algorithm.filter_groups.max_num_gen_batches"),
+        (["rollout.n=1", "actor.num_workers=1"], "rollout.n"),
+    ],
+)
+def test_bad_dapo_settings_name_the_key(overrides, key):
+    from rlflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        _check("dapo", overrides)

@@ -33,7 +33,7 @@ def char_id(c: str) -> int:
 
 
 def expected_prompt_ids(content: str) -> list[int]:
-    """"<|user|>content<|end|><|assistant|>" tokenised by hand."""
+    """ "<|user|>content<|end|><|assistant|>" tokenised by hand."""
     return [USER, *(char_id(c) for c in content), END, ASSISTANT]
 
 
@@ -97,7 +97,7 @@ def test_truncation_modes_apply_to_raw_prompt_ids(tmp_path, tokenizer, mode):
     expected = {
         "left": full[-max_len:],
         "right": full[:max_len],
-        "middle": full[:head] + full[len(full) - (max_len - head):],
+        "middle": full[:head] + full[len(full) - (max_len - head) :],
     }[mode]
     item = ds[0]
     assert item["input_ids"].tolist() == expected
@@ -325,14 +325,20 @@ def test_parquet_and_jsonl_files_concatenate(tmp_path, tokenizer):
     a = write(tmp_path / "a.parquet", [row("1=", 0), row("2=", 1)])
     b = write_jsonl(tmp_path / "b.jsonl", [row("3=", 0, source="math"), row("4=", 1, source="math")])
     ds = RLHFDataset([b, a], tokenizer, max_prompt_length=8)
-    assert [ds[i]["raw_prompt_ids"] for i in range(4)] == [expected_prompt_ids(c) for c in ["3=", "4=", "1=", "2="]]
+    assert [ds[i]["raw_prompt_ids"] for i in range(4)] == [
+        expected_prompt_ids(c) for c in ["3=", "4=", "1=", "2="]
+    ]
     assert [ds[i]["index"] for i in range(4)] == [0, 1, 2, 3]
     assert [ds[i]["data_source"] for i in range(4)] == ["math", "math", "arithmetic", "arithmetic"]
 
 
 def test_jsonl_blank_lines_are_skipped_and_missing_optional_keys_are_none(tmp_path, tokenizer):
     path = tmp_path / "d.jsonl"
-    path.write_text('{"prompt": [{"role": "user", "content": "1="}]}\n\n{"prompt": [{"role": "user", "content": "2="}], "data_source": "x"}\n')
+    path.write_text(
+        '{"prompt": [{"role": "user", "content": "1="}]}\n'
+        "\n"
+        '{"prompt": [{"role": "user", "content": "2="}], "data_source": "x"}\n'
+    )
     ds = RLHFDataset(str(path), tokenizer, max_prompt_length=8)
     assert len(ds) == 2
     assert ds[0]["data_source"] is None and ds[0]["extra_info"] is None and ds[0]["tools_kwargs"] == {}
@@ -353,7 +359,9 @@ def test_errors_name_the_file_at_fault(tmp_path, tokenizer):
         RLHFDataset([good, str(not_object)], tokenizer)
 
     no_prompt = write_jsonl(tmp_path / "np.jsonl", [row("1="), {"question": "2="}])
-    with pytest.raises(ValueError, match=r"line 2 of data file .*np.jsonl.* no column 'prompt'.*data.prompt_key"):
+    with pytest.raises(
+        ValueError, match=r"line 2 of data file .*np.jsonl.* no column 'prompt'.*data.prompt_key"
+    ):
         RLHFDataset([good, no_prompt], tokenizer)
 
     other = write(tmp_path / "other.parquet", [{"question": [{"role": "user", "content": "1="}]}])
@@ -413,8 +421,12 @@ def test_return_full_prompt_is_the_rendered_text(tmp_path, tokenizer):
     messages = [{"role": "system", "content": "0"}, {"role": "user", "content": "1+1="}]
     path = write(tmp_path / "d.parquet", [{**row("x"), "prompt": messages}, row("12345=", 1)])
     ds = RLHFDataset(
-        path, tokenizer, max_prompt_length=5, return_full_prompt=True,
-        filter_overlong_prompts=False, truncation="left",
+        path,
+        tokenizer,
+        max_prompt_length=5,
+        return_full_prompt=True,
+        filter_overlong_prompts=False,
+        truncation="left",
     )
     assert ds[0]["full_prompts"] == "<|system|>0<|end|><|user|>1+1=<|end|><|assistant|>"
     # The text is the untruncated rendering, even when the ids are cut.
@@ -472,8 +484,11 @@ def test_parallel_tokenisation_equals_serial(tmp_path, tokenizer, monkeypatch, f
     contents = ["".join(rng.choice("0123456789+-*=") for _ in range(rng.randint(1, 20))) for _ in range(100)]
     path = write(tmp_path / "d.parquet", [row(c, i) for i, c in enumerate(contents)])
     kwargs = dict(
-        max_prompt_length=16, filter_overlong_prompts=filter_overlong, truncation="middle",
-        return_full_prompt=True, max_samples=90,
+        max_prompt_length=16,
+        filter_overlong_prompts=filter_overlong,
+        truncation="middle",
+        return_full_prompt=True,
+        max_samples=90,
     )
     serial = RLHFDataset(path, tokenizer, **kwargs)
     recording = ThreadRecordingTokenizer(tokenizer)
@@ -490,7 +505,9 @@ def test_parallel_tokenisation_equals_serial(tmp_path, tokenizer, monkeypatch, f
             else:
                 assert a[key] == b[key], (i, key)
     # and both equal a direct per-row rendering
-    kept = [i for i, c in enumerate(contents) if not filter_overlong or len(expected_prompt_ids(c)) <= 16][:90]
+    kept = [i for i, c in enumerate(contents) if not filter_overlong or len(expected_prompt_ids(c)) <= 16][
+        :90
+    ]
     assert [serial[j]["index"] for j in range(len(serial))] == kept
 
 
@@ -538,4 +555,14 @@ def test_chat_encoder_falls_back_when_the_backend_truncates(tokenizer):
     _, ids = encoder([[{"role": "user", "content": "12345="}]])
     assert encoder._backend is None
     assert ids[0] == expected_prompt_ids("12345=")  # not cut to 3 by the backend's own setting
-    assert ids == tok([tok.apply_chat_template([{"role": "user", "content": "12345="}], tokenize=False, add_generation_prompt=True)], add_special_tokens=False)["input_ids"]
+    assert (
+        ids
+        == tok(
+            [
+                tok.apply_chat_template(
+                    [{"role": "user", "content": "12345="}], tokenize=False, add_generation_prompt=True
+                )
+            ],
+            add_special_tokens=False,
+        )["input_ids"]
+    )

@@ -99,8 +99,10 @@ class ObjectStoreWeightTransferEngine(WeightTransferEngine[ObjectStoreInitInfo, 
 
 def register_object_store_backend() -> None:
     """Register ``rlflow_object_store`` with vLLM's engine factory (idempotent, per process)."""
-    if OBJECT_STORE_BACKEND not in WeightTransferEngineFactory._registry:
+    try:
         WeightTransferEngineFactory.register_engine(OBJECT_STORE_BACKEND, ObjectStoreWeightTransferEngine)
+    except ValueError:
+        pass  # already registered in this process (a second worker class instance, a re-import)
 
 
 class RolloutActorsClient:
