@@ -26,20 +26,40 @@ from rlflow.utils.bundled import bundled_dir
 PRIMARY_CONFIG = "rlflow"
 
 
-def recipe_dir() -> Path:
-    return bundled_dir("recipes")
+def recipe_dir(subdir: Optional[str] = None) -> Path:
+    """The training recipes, or with ``subdir`` another tool's recipes (e.g. "data_engine")."""
+    root = bundled_dir("recipes")
+    return root / subdir if subdir else root
 
 
-def available_recipes() -> list[str]:
-    return sorted(p.stem for p in recipe_dir().glob("*.yaml"))
+def available_recipes(subdir: Optional[str] = None) -> list[str]:
+    return sorted(p.stem for p in recipe_dir(subdir).glob("*.yaml"))
 
 
-def _register() -> None:
+def _register(schema: type, subdir: Optional[str]) -> None:
     store = ConfigStore.instance()
-    store.store(name=PRIMARY_CONFIG, node=RLFlowConfig)
-    for name in available_recipes():
-        node = OmegaConf.load(recipe_dir() / f"{name}.yaml")
+    node = OmegaConf.structured(schema)
+    # Free-form dict fields (env vars, custom resources, chat-template kwargs) take any key;
+    # everything else stays strict.
+    for path in _dict_fields(schema):
+        OmegaConf.set_struct(OmegaConf.select(node, path), False)
+    store.store(name=PRIMARY_CONFIG, node=node)
+    # The group holds exactly this tool's recipes (training and data-engine recipes share the
+    # +recipe=NAME syntax but not their schema).
+    store.repo.pop("recipe", None)
+    for name in available_recipes(subdir):
+        node = OmegaConf.load(recipe_dir(subdir) / f"{name}.yaml")
         store.store(group="recipe", name=name, node=node, package="_global_")
+
+
+def _dict_fields(schema: type, prefix: str = "") -> list[str]:
+    paths = []
+    for name, hint in typing.get_type_hints(schema).items():
+        if dataclasses.is_dataclass(hint):
+            paths += _dict_fields(hint, f"{prefix}{name}.")
+        elif typing.get_origin(hint) in (dict, typing.Dict):
+            paths.append(f"{prefix}{name}")
+    return paths
 
 
 def _split_recipe(overrides: Sequence[str], recipe: Optional[str]) -> tuple[Optional[str], list[str]]:
@@ -54,7 +74,12 @@ def _split_recipe(overrides: Sequence[str], recipe: Optional[str]) -> tuple[Opti
     return recipe, rest
 
 
-def compose_config(recipe: Optional[str] = None, overrides: Iterable[str] = ()) -> DictConfig:
+def compose_config(
+    recipe: Optional[str] = None,
+    overrides: Iterable[str] = (),
+    schema: type = RLFlowConfig,
+    recipe_subdir: Optional[str] = None,
+) -> DictConfig:
     """Build the typed config for a run.
 
     ``recipe`` is a name from ``recipes/`` (``overrides`` may also carry ``+recipe=NAME``);
@@ -62,13 +87,13 @@ def compose_config(recipe: Optional[str] = None, overrides: Iterable[str] = ()) 
     one-line message on an unknown recipe, unknown key or wrongly typed value.
     """
     recipe, rest = _split_recipe(list(overrides), recipe)
-    names = available_recipes()
+    names = available_recipes(recipe_subdir)
     if recipe is not None and recipe not in names:
         raise ConfigError(
             f"unknown recipe '{recipe}': available recipes are {', '.join(names)} "
-            f"(files in {recipe_dir()}); pick one with +recipe=NAME"
+            f"(files in {recipe_dir(recipe_subdir)}); pick one with +recipe=NAME"
         )
-    _register()
+    _register(schema, recipe_subdir)
     hydra_overrides = ([f"+recipe={recipe}"] if recipe else []) + rest
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
@@ -80,7 +105,7 @@ def compose_config(recipe: Optional[str] = None, overrides: Iterable[str] = ()) 
     finally:
         GlobalHydra.instance().clear()
     # "+key=value" adds keys even in struct mode, so compare against the schema explicitly.
-    _reject_unknown_keys(cfg, RLFlowConfig, prefix="")
+    _reject_unknown_keys(cfg, schema, prefix="")
     return cfg
 
 
@@ -93,13 +118,9 @@ def _reject_unknown_keys(node: Any, schema: type, prefix: str) -> None:
                 f"unknown config key '{name}': check the spelling against "
                 f"`python -m rlflow.main --cfg` (the full config with defaults)"
             )
-        field_type = _hints(schema)[key]
+        field_type = typing.get_type_hints(schema)[key]
         if dataclasses.is_dataclass(field_type):
             _reject_unknown_keys(node[key], field_type, prefix=f"{name}.")
-
-
-def _hints(schema: type) -> dict[str, Any]:
-    return typing.get_type_hints(schema)
 
 
 def _one_line(exc: BaseException) -> str:
