@@ -405,6 +405,11 @@ class RLTrainer:
         }
         if "overlong_penalty" in sampled:
             out["reward/overlong_penalty"] = sampled["overlong_penalty"].float().mean().item()
+        # Samples whose scorer raised or timed out (scored reward.error_score instead).
+        if "reward_failed" in sampled and "reward_timed_out" in sampled:
+            timeouts = float(sampled["reward_timed_out"].sum())
+            out["reward/num_errors"] = float(sampled["reward_failed"].sum()) + timeouts
+            out["reward/num_timeouts"] = timeouts
         for key in sampled.keys():
             if key.startswith("reward_extra/"):
                 out[f"reward/{key.split('/', 1)[1]}"] = sampled[key].float().mean().item()
