@@ -13,8 +13,15 @@ Layouts (``build_model_inputs``):
   to ``round_to`` (``[B, W]``, right padding). Dynamic batching uses it, so a micro-batch
   of short rows costs short rows.
 * ``packed``: all valid tokens of all rows in ONE row (``[1, N]``), position ids restarting
-  at every sequence, and a block-diagonal causal mask so attention never crosses a sequence
-  boundary. No padding tokens are computed at all.
+  at every sequence, and attention that never crosses a sequence boundary. No padding tokens
+  are computed at all.
+
+How a packed row keeps sequences apart depends on the attention kernel (``mask_kind``):
+a 4-D block-diagonal causal mask (``bool`` for sdpa, ``additive`` for eager), which costs
+attention over all ``N x N`` pairs; ``varlen``, rlflow's sdpa variant that runs causal
+attention per sequence from ``cu_seqlens`` (``enable_varlen_sdpa``), which costs only the
+pairs inside each sequence; or ``position_ids`` (no mask: transformers derives the
+sequences from restarting position ids, as its flash-attention path expects).
 
 ``score_responses`` runs the model on any layout and returns per-token log-probs (and
 entropy) back in the ``[B, T]`` response layout, 0 where a token is not scored. The three
@@ -28,6 +35,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from rlflow.utils.torch_functional import entropy_from_logits, logprobs_from_logits
 
@@ -36,17 +44,18 @@ __all__ = [
     "MASK_KINDS",
     "ModelInputs",
     "build_model_inputs",
+    "VARLEN_SDPA",
     "block_causal_mask",
+    "enable_varlen_sdpa",
     "mask_kind_for",
     "score_responses",
 ]
 
 LAYOUTS = ("padded", "unpadded", "packed")
-# How a packed row's per-document mask is handed to the model:
-# "bool" 4-D (True = attend; sdpa), "additive" 4-D (0 / dtype min; eager), or "position_ids"
-# (no mask: transformers derives the documents from position ids restarting at 0, which is
-# what its flash-attention and flex paths expect).
-MASK_KINDS = ("bool", "additive", "position_ids")
+# How a packed row's sequences are kept apart (see the module docstring).
+MASK_KINDS = ("bool", "additive", "varlen", "position_ids")
+# Name under which the per-sequence sdpa attention is registered with transformers.
+VARLEN_SDPA = "rlflow_sdpa_varlen"
 
 
 @dataclass
@@ -64,6 +73,8 @@ class ModelInputs:
     keep: torch.Tensor  # [R, W] bool
     targets: torch.Tensor  # [K] token ids
     scatter: torch.Tensor  # [B, T] bool, K entries True
+    # packed + varlen only: sequence boundaries [0, len_0, len_0 + len_1, ..., N], int32
+    cu_seqlens: Optional[torch.Tensor] = None
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -112,9 +123,78 @@ def block_causal_mask(doc_ids: torch.Tensor, kind: str, dtype: torch.dtype) -> t
     return additive[None, None]
 
 
+def _varlen_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention function for transformers' ``AttentionInterface``.
+
+    With ``cu_seq_lens_q`` (a packed row, batch 1): causal sdpa on each sequence's slice, so
+    the cost is the sum of squared sequence lengths and the fused causal kernel is used.
+    Without it: transformers' own sdpa attention, unchanged. Inputs are ``[B, heads, N, D]``;
+    the output is ``[B, N, heads, D]`` as transformers expects.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask,
+            dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs,
+        )
+    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+        # per-sequence causal sdpa would silently drop these; refuse instead
+        raise NotImplementedError(
+            "varlen packed attention supports full causal attention only (no sliding window or "
+            "softcap): set model.attn_implementation=eager, or turn sequence packing off"
+        )
+    if query.shape[0] != 1:
+        raise ValueError(f"varlen packed attention needs one packed row, got batch {query.shape[0]}")
+    gqa = query.shape[1] != key.shape[1]
+    dropout_p = dropout if module.training else 0.0
+    edges = bounds.tolist()
+    parts = [
+        F.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
+            dropout_p=dropout_p, is_causal=True, scale=scaling, enable_gqa=gqa,
+        )
+        for a, b in zip(edges[:-1], edges[1:])
+        if b > a
+    ]
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def enable_varlen_sdpa(model: torch.nn.Module) -> bool:
+    """Switch an sdpa model to ``VARLEN_SDPA``; True when the model now uses it.
+
+    Unpacked inputs keep transformers' sdpa path bit for bit (same function, same masks);
+    packed rows built with ``mask_kind="varlen"`` get per-sequence attention. Models with
+    another attention implementation, or that cannot switch, are left alone.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    AttentionInterface.register(VARLEN_SDPA, _varlen_sdpa_attention)
+    AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)
+    model.set_attn_implementation(VARLEN_SDPA)
+    return config._attn_implementation == VARLEN_SDPA
+
+
 def mask_kind_for(model: torch.nn.Module) -> str:
     """The packed-mask kind the model's attention implementation accepts."""
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
+    if impl == VARLEN_SDPA:
+        return "varlen"
     if impl == "sdpa":
         return "bool"
     if impl == "eager":
@@ -191,8 +271,14 @@ def build_model_inputs(
     doc[slot[valid]] = rows[valid]
     keep = torch.zeros(1, total, dtype=torch.bool, device=device)
     keep[0, (offsets[:, None] + source)[scatter]] = True
-    mask = None if mask_kind == "position_ids" else block_causal_mask(doc, mask_kind, mask_dtype)
-    return ModelInputs(ids, pos, mask, keep, targets, scatter)
+    if mask_kind in ("bool", "additive"):
+        return ModelInputs(ids, pos, block_causal_mask(doc, mask_kind, mask_dtype), keep, targets, scatter)
+    cu_seqlens = None
+    if mask_kind == "varlen":
+        cu_seqlens = torch.cat([offsets, lengths.sum().reshape(1)]).to(torch.int32)
+        if cu_seqlens[-1] < total:  # all rows empty: the placeholder token is its own sequence
+            cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor([total])])
+    return ModelInputs(ids, pos, None, keep, targets, scatter, cu_seqlens)
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
@@ -222,6 +308,13 @@ def score_responses(
         attention_mask=inputs.attention_mask,
         use_cache=False,
     )
+    if inputs.cu_seqlens is not None:
+        # read by the VARLEN_SDPA attention function (names as in transformers' flash path)
+        longest = int((inputs.cu_seqlens[1:] - inputs.cu_seqlens[:-1]).max())
+        kwargs.update(
+            cu_seq_lens_q=inputs.cu_seqlens, cu_seq_lens_k=inputs.cu_seqlens,
+            max_length_q=longest, max_length_k=longest,
+        )
     if _accepts_logits_to_keep(model):
         # a 2-D bool tensor keeps exactly these positions, flattened to [K, V]
         kwargs["logits_to_keep"] = inputs.keep

@@ -33,7 +33,12 @@ from rlflow.algorithms.losses import (
 )
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.models.loading import load_causal_lm
-from rlflow.models.packing import build_model_inputs, mask_kind_for, score_responses
+from rlflow.models.packing import (
+    build_model_inputs,
+    enable_varlen_sdpa,
+    mask_kind_for,
+    score_responses,
+)
 from rlflow.optim import build_lr_scheduler, build_optimizer
 from rlflow.workers.base import Worker
 
@@ -57,7 +62,9 @@ class PolicyWorker(Worker):
         if not self.trainable:
             model.requires_grad_(False)
             model.eval()
-        # How a packed row's block-diagonal mask is passed depends on the attention kernel.
+        # Packed rows: per-sequence attention where the model runs sdpa (unpacked inputs keep
+        # sdpa as is), otherwise a block-diagonal mask in the form the attention kernel takes.
+        enable_varlen_sdpa(model)
         self.mask_kind = mask_kind_for(model)
         self.param_dtype = next(model.parameters()).dtype
         self.model = self._shard(model) if self.world_size > 1 else model

@@ -149,6 +149,9 @@ def single_rank_grads(setup):
 
     model_dir, config, batch, _ = setup
     worker = PolicyWorker(config, role="actor")
+    # packing runs rlflow's per-sequence sdpa here; the 4-D mask kinds are covered in
+    # tests/unit/test_packing.py
+    assert worker.mask_kind == "varlen"
     out = {}
     for mode in MODES:
         for agg in AGG_MODES:

@@ -122,7 +122,7 @@ def test_model_loads_with_auto_class(demo_model_dir, tokenizer):
     assert type(model).__name__ == "LlamaForCausalLM"
     assert cfg.vocab_size == len(tokenizer) == 24
     assert (cfg.hidden_size, cfg.intermediate_size) == (64, 256)
-    assert (cfg.num_hidden_layers, cfg.num_attention_heads) == (2, 4)
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads) == (2, 2)
     assert cfg.max_position_embeddings == 128
     assert cfg.eos_token_id == tokenizer.eos_token_id and cfg.pad_token_id == tokenizer.pad_token_id
     assert cfg.bos_token_id is not None

@@ -6,11 +6,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from rlflow.models import packing
 from rlflow.models.packing import (
     LAYOUTS,
     MASK_KINDS,
     block_causal_mask,
     build_model_inputs,
+    enable_varlen_sdpa,
     mask_kind_for,
     score_responses,
 )
@@ -56,12 +58,17 @@ def score(model, ids, mask, pos, resp, layout, mask_kind=None, round_to=1):
 
 
 def random_llama(attn: str) -> torch.nn.Module:
+    """``attn``: sdpa, eager, or varlen (sdpa switched to rlflow's per-sequence attention)."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=101, hidden_size=96, intermediate_size=192, num_hidden_layers=3,
         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
     )
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    impl = "sdpa" if attn == "varlen" else attn
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=impl).eval()
+    if attn == "varlen":
+        assert enable_varlen_sdpa(model)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +87,13 @@ PROMPTS = [7, 3, 5, 1, 6, 2]
 RESPONSES = [6, 2, 0, 4, 6, 1]  # one row has no response tokens at all
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "varlen"])
 def test_demo_model_all_layouts_match_padded_and_naive(demo_model_path, attn):
     torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(demo_model_path, attn_implementation=attn).eval()
+    impl = "sdpa" if attn == "varlen" else attn
+    model = AutoModelForCausalLM.from_pretrained(demo_model_path, attn_implementation=impl).eval()
+    if attn == "varlen":
+        assert enable_varlen_sdpa(model) and mask_kind_for(model) == "varlen"
     ids, mask, pos, resp = ragged_rows(model.config.vocab_size, PROMPTS, RESPONSES, 8, 6)
     ref_lp, ref_ent = naive_scores(model, ids, mask, PROMPTS, RESPONSES, 8, 6)
     valid = mask[:, 8:].bool()
@@ -95,7 +105,7 @@ def test_demo_model_all_layouts_match_padded_and_naive(demo_model_path, attn):
         assert torch.all(lp[~valid] == 0) and torch.all(ent[~valid] == 0)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "varlen"])
 def test_bigger_random_llama_packed_matches_padded(attn):
     model = random_llama(attn)
     torch.manual_seed(2)
@@ -113,6 +123,33 @@ def test_bigger_random_llama_packed_matches_padded(attn):
         assert (ent - padded_ent).abs().max() <= TOL, kind
     lp, _ = score(model, ids, mask, pos, resp, "unpadded", round_to=8)
     assert (lp - padded_lp).abs().max() <= TOL
+
+
+def test_varlen_sdpa_runs_attention_per_sequence(monkeypatch):
+    model = random_llama("varlen")
+    plain = random_llama("sdpa")
+    torch.manual_seed(5)
+    prompts, responses = [3, 6, 2], [5, 1, 7]
+    ids, mask, pos, resp = ragged_rows(101, prompts, responses, 6, 7)
+    # unpacked layouts go through transformers' sdpa unchanged: identical numbers
+    for layout in ("padded", "unpadded"):
+        switched = score(model, ids, mask, pos, resp, layout)[0]
+        assert torch.equal(switched, score(plain, ids, mask, pos, resp, layout)[0])
+    seen = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        seen.append((query.shape[2], kwargs.get("is_causal")))
+        return real_sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(packing.F, "scaled_dot_product_attention", spy)
+    lp, _ = score(model, ids, mask, pos, resp, "packed")
+    lengths = [p + r for p, r in zip(prompts, responses)]
+    # one causal call per sequence and layer, never one over the whole packed row
+    assert seen == [(n, True) for n in lengths] * model.config.num_hidden_layers
+    monkeypatch.undo()
+    padded, _ = score(plain, ids, mask, pos, resp, "padded")
+    assert (lp - padded).abs().max() <= TOL
 
 
 def test_packed_row_without_document_mask_differs():
