@@ -24,6 +24,45 @@ from rlflow.models.loading import resolve_model_path
 METADATA_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 
 
+def _copy_metadata(base: str, folder: str) -> None:
+    for name in os.listdir(base):
+        if name.endswith(METADATA_SUFFIXES) and not name.endswith(".index.json"):
+            shutil.copy2(os.path.join(base, name), os.path.join(folder, name))
+
+
+def _atomic_folder(target: str, fill) -> str:
+    parent = os.path.dirname(os.path.abspath(target)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        fill(tmp)
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def export_from_actor_group(actor_group, model_cfg, target: str) -> str:
+    """Write the live policy of a running trainer (its actor WorkerGroup) as an HF folder."""
+    import ray
+    from safetensors.torch import save_file
+
+    from rlflow.workers.checkpointing import _dedupe_shared
+
+    refs = [r for r in actor_group.call_all("publish_weights") if r is not None]
+    state = ray.get(refs[0][0])
+    base = resolve_model_path(model_cfg.path)
+
+    def fill(folder: str) -> None:
+        _copy_metadata(base, folder)
+        save_file(_dedupe_shared(state), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+
+    return _atomic_folder(target, fill)
+
+
 def export_hf_model(checkpoint: str, target: str, role: str = "actor") -> str:
     weights = os.path.join(checkpoint, role, "model.safetensors")
     config_path = os.path.join(checkpoint, "config.yaml")
@@ -34,21 +73,12 @@ def export_hf_model(checkpoint: str, target: str, role: str = "actor") -> str:
         )
     cfg = OmegaConf.load(config_path)
     base = resolve_model_path(cfg.model.path)
-    parent = os.path.dirname(os.path.abspath(target)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
-        for name in os.listdir(base):
-            if name.endswith(METADATA_SUFFIXES) and not name.endswith(".index.json"):
-                shutil.copy2(os.path.join(base, name), os.path.join(tmp, name))
-        shutil.copy2(weights, os.path.join(tmp, "model.safetensors"))
-        if os.path.exists(target):
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    def fill(folder: str) -> None:
+        _copy_metadata(base, folder)
+        shutil.copy2(weights, os.path.join(folder, "model.safetensors"))
+
+    return _atomic_folder(target, fill)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

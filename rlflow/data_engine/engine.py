@@ -301,11 +301,20 @@ class DataEngine:
         if pcfg.strategy != "judge":
             scores = {(r["prompt_index"], r["sample_index"]): r["score"] for r in self.work.read_stage("score")}
         by_prompt: dict[int, list[dict]] = defaultdict(list)
+        empty = 0
         for s in samples:
+            by_prompt.setdefault(s["prompt_index"], [])
+            # The preference format needs a non-empty answer on both sides.
+            if not s["response"].strip():
+                empty += 1
+                continue
             by_prompt[s["prompt_index"]].append(s)
         pairs, reasons, kept_debug = [], Counter(), []
         for prompt_index in sorted(by_prompt):
             group = sorted(by_prompt[prompt_index], key=lambda s: s["sample_index"])
+            if not group:
+                reasons["every answer was empty"] += 1
+                continue
             texts = [s["response"] for s in group]
             group_scores = None if judge else [scores[(prompt_index, s["sample_index"])] for s in group]
             chosen_pairs, reason = pair_prompt(
@@ -332,7 +341,7 @@ class DataEngine:
         all_scores = list(scores.values())
         self.summary = {
             "prompts": self.num_prompts, "samples": len(samples), "pairs": len(pairs),
-            "prompts_with_pairs": len({p["prompt_index"] for p in pairs}),
+            "prompts_with_pairs": len({p["prompt_index"] for p in pairs}), "empty_answers_dropped": empty,
             "no_pair_reasons": dict(reasons), "score_distribution": _distribution(all_scores),
         }
         return self.summary

@@ -89,7 +89,9 @@ class DPOTrainer:
             self.close()
             raise
         for role, wg in self.groups.items():
-            line = f"[rlflow] role {role}: {wg.world_size} worker(s)"
+            infos = wg.workers_info()
+            desc = ", ".join(f"rank {i['rank']} pid {i['pid']} node {str(i['node_id'])[:8]}" for i in infos)
+            line = f"[rlflow] role {role}: {len(infos)} worker(s): {desc}"
             logger.info(line)
             tqdm.write(line)
 

@@ -66,6 +66,27 @@ def largest_divisor_at_most(n: int, cap: int) -> int:
     return 1
 
 
+def splittable_group_count(available: int, group_size: int, roles: list[tuple[int, int, int]]) -> int:
+    """Largest ``k <= available`` such that ``k * group_size`` responses can be trained by every
+    role in ``roles``, each given as ``(num_workers, mini_batch_per_worker,
+    micro_batch_per_worker)``: equal shards per rank, and mini-batches (the last one may be
+    shorter) that each split into whole micro-batches of ``min(micro, mini-batch)`` rows.
+    0 when no ``k >= 1`` works."""
+    for k in range(available, 0, -1):
+        responses = k * group_size
+        if all(_splittable(responses, *shape) for shape in roles):
+            return k
+    return 0
+
+
+def _splittable(responses: int, workers: int, mini: int, micro: int) -> bool:
+    if responses % workers:
+        return False
+    per_rank = responses // workers
+    sizes = {min(mini, per_rank), per_rank % mini} - {0}
+    return all(size % min(micro, size) == 0 for size in sizes)
+
+
 class RLTrainer:
     """Builds the worker groups for a config and runs on-policy RL training steps."""
 
@@ -149,7 +170,9 @@ class RLTrainer:
             )
             return WorkerGroup(worker_cls, name, pool, init_kwargs={"config": plain, **kwargs})
 
-        actor_steps = self.total_steps - min(self.total_steps, int(cfg.trainer.critic_warmup)) if self.use_critic else self.total_steps
+        # The actor sits out the critic warm-up, so its LR schedule spans the remaining steps.
+        warmup = min(self.total_steps, int(cfg.trainer.critic_warmup)) if self.use_critic else 0
+        actor_steps = self.total_steps - warmup
         self.groups["actor"] = group(
             PolicyWorker, "actor", cfg.actor, role="actor", total_steps=self._optimizer_steps(cfg.actor, actor_steps)
         )
@@ -326,24 +349,13 @@ class RLTrainer:
         return merged.select_indices(list(range(num_groups * n))), sampled
 
     def _trainable_group_count(self, available: int) -> int:
-        """Largest ``k <= available`` whose ``k * rollout.n`` responses every training group can
-        split into equal per-rank shards and whole micro-batches."""
-        n = int(self.cfg.rollout.n)
+        """How many of ``available`` kept groups the trained roles can split evenly."""
         roles = [self.cfg.actor] + ([self.cfg.critic] if self.use_critic else [])
-        for k in range(available, 0, -1):
-            if all(self._splittable(k * n, role_cfg) for role_cfg in roles):
-                return k
-        return 0
-
-    def _splittable(self, num_responses: int, role_cfg: Any) -> bool:
-        workers = int(role_cfg.num_workers)
-        if num_responses % workers:
-            return False
-        per_rank = num_responses // workers
-        micro = int(role_cfg.ppo_micro_batch_size_per_worker)
-        # Full mini-batches split as the config allows; a shorter last one must split too.
-        last = per_rank % self._per_worker_mini_batch(role_cfg)
-        return last == 0 or last <= micro or last % micro == 0
+        shapes = [
+            (int(r.num_workers), self._per_worker_mini_batch(r), int(r.ppo_micro_batch_size_per_worker))
+            for r in roles
+        ]
+        return splittable_group_count(available, int(self.cfg.rollout.n), shapes)
 
     # ----------------------------------------------------------------- helpers
     def _per_worker_mini_batch(self, role_cfg: Any) -> int:

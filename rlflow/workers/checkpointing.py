@@ -68,7 +68,7 @@ def save_worker_state(
         else:
             optim_state = optimizer.state_dict()
     if rank == 0:
-        save_file(_dedupe_shared(weights), os.path.join(folder, "model.safetensors"))
+        save_file(_dedupe_shared(weights), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
         if optim_state is not None:
             torch.save(optim_state, os.path.join(folder, "optimizer.pt"))
         if lr_scheduler is not None:

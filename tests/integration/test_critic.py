@@ -228,3 +228,30 @@ def test_bad_critic_settings_name_the_key(overrides, key):
     items = [f"{k}={v}" for k, v in overrides.items()]
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         check_config(rlflow.compose_config("ppo", overrides=items))
+
+
+@pytest.mark.ray
+def test_ppo_trainer_trains_only_the_critic_during_warmup(ray_cluster, tmp_path):
+    cfg = rlflow.compose_config(
+        "ppo",
+        overrides=[
+            f"trainer.output_dir={tmp_path}", "trainer.progress_bar=false", "trainer.total_steps=3",
+            "trainer.critic_warmup=2", "data.train_batch_size=32", "actor.ppo_mini_batch_size=16",
+            "critic.ppo_mini_batch_size=32",
+        ],
+    )
+    trainer = rlflow.build_trainer(cfg)
+    try:
+        assert set(trainer.groups) == {"actor", "ref", "critic", "rollout", "reward"}
+        history = [trainer.step() for _ in range(3)]
+    finally:
+        trainer.close()
+    for row in history[:2]:
+        assert "actor/pg_loss" not in row and row["weight_version"] == 0
+        assert row["critic/num_updates"] == 1.0
+    assert history[2]["actor/num_updates"] == 2.0 and history[2]["weight_version"] == 1
+    # Zero head: step 1 sees values of exactly 0; the critic has moved by step 2.
+    assert history[0]["values/mean"] == 0.0
+    assert history[1]["values/mean"] != 0.0
+    # KL in the reward needs the sampling policy's log-probs: on every step.
+    assert all("timing/old_log_prob_s" in row and "actor/reward_kl_penalty" in row for row in history)
