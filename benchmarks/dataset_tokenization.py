@@ -214,6 +214,7 @@ def time_straightforward(path: Path, tokenizer, max_len: int, cache_dir: Path):
     import datasets
 
     datasets.disable_progress_bars()
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
     with Clock() as clock:
         ds = datasets.Dataset.from_parquet(str(path), cache_dir=str(cache_dir))
         ds = ds.filter(
@@ -235,6 +236,13 @@ def time_straightforward(path: Path, tokenizer, max_len: int, cache_dir: Path):
             },
             num_proc=1,
         )
+    # datasets sets TOKENIZERS_PARALLELISM=false in the C environment for its worker and never
+    # undoes it (os.environ no longer shows it), which would leave every later batch encoding in
+    # this process single-threaded. Undo it so the next measurements start from the same state.
+    if before is None:
+        os.unsetenv("TOKENIZERS_PARALLELISM")
+    else:
+        os.putenv("TOKENIZERS_PARALLELISM", before)
     return clock, ds
 
 

@@ -292,7 +292,8 @@ class DPOConfig:
 class TrainerConfig:
     project_name: str = "rlflow"
     experiment_name: str = "grpo-demo"
-    # None: ./outputs/<experiment_name>/<timestamp> in the working directory of the launch.
+    # None: ./outputs/<experiment_name>/<timestamp> in the launch directory; under a Ray job,
+    # $RLFLOW_OUTPUT_ROOT or ~/rlflow_outputs instead of Ray's temporary working directory.
     output_dir: Optional[str] = None
     total_steps: Optional[int] = None
     total_epochs: int = 1
@@ -304,9 +305,22 @@ class TrainerConfig:
     algorithm: str = "rl"
     # PPO: train only the critic for this many steps before the actor starts to move.
     critic_warmup: int = 0
-    # Validation (DPO: held-out preference accuracy) every test_freq steps; 0 turns it off.
+    # Validation every test_freq steps (RL: greedy reward on data.val_files as val/...; DPO:
+    # held-out preference accuracy); 0 turns it off.
     test_freq: int = 0
     val_before_train: bool = True
+    # Checkpoint every save_freq steps (0: never) under <output_dir>/checkpoints, keeping the
+    # newest max_ckpt_to_keep (None: all).
+    save_freq: int = 0
+    max_ckpt_to_keep: Optional[int] = None
+    # auto: continue from the newest checkpoint in output_dir if there is one; disable; or a
+    # checkpoint folder.
+    resume_mode: str = "auto"
+    # A dead worker process rebuilds the worker groups and restarts from the last checkpoint,
+    # at most this many times per run.
+    max_restarts: int = 0
+    # Write the final policy as a Hugging Face model folder to <output_dir>/hf_model.
+    export_hf: bool = False
 
 
 @dataclass

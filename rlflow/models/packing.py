@@ -149,17 +149,20 @@ def _varlen_sdpa_attention(
             module, query, key, value, attention_mask,
             dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs,
         )
-    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
-        # per-sequence causal sdpa would silently drop these; refuse instead
-        raise NotImplementedError(
-            "varlen packed attention supports full causal attention only (no sliding window or "
-            "softcap): set model.attn_implementation=eager, or turn sequence packing off"
-        )
     if query.shape[0] != 1:
         raise ValueError(f"varlen packed attention needs one packed row, got batch {query.shape[0]}")
+    edges = bounds.tolist()
+    longest = max((b - a for a, b in zip(edges[:-1], edges[1:])), default=0)
+    window = kwargs.get("sliding_window")
+    if kwargs.get("softcap") is not None or (window is not None and longest > window):
+        # plain causal sdpa per sequence would silently ignore these; refuse instead
+        raise NotImplementedError(
+            "varlen packed attention does full causal attention only (no logit softcap, no "
+            "sliding window shorter than a sequence): set model.attn_implementation=eager, "
+            "or turn sequence packing off"
+        )
     gqa = query.shape[1] != key.shape[1]
     dropout_p = dropout if module.training else 0.0
-    edges = bounds.tolist()
     parts = [
         F.scaled_dot_product_attention(
             query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],

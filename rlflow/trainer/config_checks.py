@@ -19,7 +19,7 @@ POLICY_LOSSES = ("ppo_clip", "gspo")
 RECOMPUTE_MODES = ("auto", "always", "never")
 PACKING_ALGORITHMS = ("first_fit_decreasing", "best_fit_decreasing")
 TRUNCATION_MODES = ("left", "right", "middle", "error")
-LOGGERS = ("console",)
+LOGGERS = ("console", "tensorboard", "wandb", "mlflow")
 
 
 def _one_of(key: str, value: Any, choices: Iterable[str]) -> None:

@@ -33,12 +33,11 @@ from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.data.preference_dataset import PreferenceDataset, collate_preference
 from rlflow.data.prompt_batches import PromptBatches
 from rlflow.distributed.ray_cluster import init_ray
-from rlflow.distributed.resource_pool import ResourcePool
 from rlflow.distributed.worker_group import WorkerGroup
 from rlflow.errors import ConfigError
 from rlflow.models.loading import load_tokenizer
 from rlflow.trainer.config_checks import check_config
-from rlflow.trainer.rl_trainer import default_output_dir
+from rlflow.trainer.rl_trainer import build_pool, default_output_dir
 from rlflow.trainer.tracking import MetricsLog, PhaseTimer
 from rlflow.workers.dpo_policy import DPOPolicyWorker
 
@@ -116,12 +115,7 @@ class DPOTrainer:
             ("actor", cfg.actor, {"role": "actor", "total_steps": self.total_steps}),
             ("ref", cfg.ref, {"role": "ref"}),
         ):
-            pool = ResourcePool(
-                role,
-                num_workers=int(role_cfg.num_workers),
-                cpus_per_worker=float(role_cfg.cpus_per_worker),
-                gpus_per_worker=float(role_cfg.gpus_per_worker),
-            )
+            pool = build_pool(role, role_cfg)
             self.groups[role] = WorkerGroup(DPOPolicyWorker, role, pool, init_kwargs={"config": plain, **kwargs})
 
     def _collate(self, indices: list[int], dataset: PreferenceDataset) -> BatchedDataDict:

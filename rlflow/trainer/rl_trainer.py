@@ -38,13 +38,18 @@ from rlflow.distributed.resource_pool import ResourcePool
 from rlflow.distributed.worker_group import WorkerGroup
 from rlflow.errors import ConfigError
 from rlflow.models.loading import load_tokenizer
+from rlflow.distributed.worker_group import WorkerDiedError
+from rlflow.trainer import checkpoint as ckpt
 from rlflow.trainer.config_checks import check_config
+from rlflow.trainer.output_dir import default_output_dir as durable_output_dir
+from rlflow.trainer.trackers import build_trackers
 from rlflow.trainer.tracking import MetricsLog, PhaseTimer
 from rlflow.utils.torch_functional import masked_mean
 from rlflow.workers.critic import CriticWorker
 from rlflow.workers.policy import PolicyWorker
 from rlflow.workers.reward import RewardWorker
-from rlflow.workers.rollout.hf_rollout import HFRolloutWorker
+from rlflow.workers.rollout import rollout_worker_class
+from rlflow.workers.rollout.policy_lag import rollout_logprob_gap
 
 logger = logging.getLogger("rlflow")
 
@@ -54,8 +59,17 @@ _ROUND_SEED_STRIDE = 1_000_003
 
 
 def default_output_dir(cfg: DictConfig) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return os.path.abspath(os.path.join("outputs", cfg.trainer.experiment_name, stamp))
+    return durable_output_dir(cfg.trainer.experiment_name)
+
+
+def build_pool(name: str, role_cfg: Any) -> ResourcePool:
+    return ResourcePool(
+        name,
+        num_workers=int(role_cfg.num_workers),
+        cpus_per_worker=float(role_cfg.cpus_per_worker),
+        gpus_per_worker=float(getattr(role_cfg, "gpus_per_worker", 0.0)),
+        custom_resources=dict(getattr(role_cfg, "custom_resources", {}) or {}),
+    )
 
 
 def largest_divisor_at_most(n: int, cap: int) -> int:
@@ -104,6 +118,7 @@ class RLTrainer:
             f.write(OmegaConf.to_yaml(cfg, resolve=True))
         self.metrics = MetricsLog(self.output_dir)
         torch.manual_seed(int(cfg.trainer.seed))
+        self.restarts = 0
 
         self.tokenizer = load_tokenizer(cfg.model)
         self.train_dataset = self._dataset(cfg.data.train_files)
@@ -132,12 +147,21 @@ class RLTrainer:
             runtime_env={"env_vars": dict(cfg.cluster.env_vars)} if cfg.cluster.env_vars else None,
         )
         self.groups: dict[str, WorkerGroup] = {}
+        self.trackers = []
         try:
             self._build_worker_groups()
+            self._log_workers()
+            self.val_dataset = self._dataset(cfg.data.val_files) if int(cfg.trainer.test_freq) > 0 else None
+            resume_from = ckpt.resolve_resume_path(self.output_dir, str(cfg.trainer.resume_mode))
+            if resume_from is not None:
+                self.load_checkpoint(resume_from)
+            self.trackers = build_trackers(
+                list(cfg.trainer.logger), self.output_dir, cfg.trainer.project_name,
+                cfg.trainer.experiment_name, OmegaConf.to_container(cfg, resolve=True),
+            )
         except BaseException:
             self.close()
             raise
-        self._log_workers()
 
     # ----------------------------------------------------------------- set-up
     def _dataset(self, files: Any) -> RLHFDataset:
@@ -162,13 +186,7 @@ class RLTrainer:
         plain = OmegaConf.to_container(cfg, resolve=True)
 
         def group(worker_cls, name: str, role_cfg: Any, **kwargs) -> WorkerGroup:
-            pool = ResourcePool(
-                name,
-                num_workers=int(role_cfg.num_workers),
-                cpus_per_worker=float(role_cfg.cpus_per_worker),
-                gpus_per_worker=float(getattr(role_cfg, "gpus_per_worker", 0.0)),
-            )
-            return WorkerGroup(worker_cls, name, pool, init_kwargs={"config": plain, **kwargs})
+            return WorkerGroup(worker_cls, name, build_pool(name, role_cfg), init_kwargs={"config": plain, **kwargs})
 
         # The actor sits out the critic warm-up, so its LR schedule spans the remaining steps.
         warmup = min(self.total_steps, int(cfg.trainer.critic_warmup)) if self.use_critic else 0
@@ -182,7 +200,7 @@ class RLTrainer:
             self.groups["critic"] = group(
                 CriticWorker, "critic", cfg.critic, total_steps=self._optimizer_steps(cfg.critic, self.total_steps)
             )
-        self.groups["rollout"] = group(HFRolloutWorker, "rollout", cfg.rollout)
+        self.groups["rollout"] = group(rollout_worker_class(cfg.rollout.backend), "rollout", cfg.rollout)
         self.groups["reward"] = group(RewardWorker, "reward", cfg.reward)
 
     def _log_workers(self) -> None:
@@ -208,6 +226,11 @@ class RLTrainer:
             if self._needs_old_log_probs():
                 with timer.phase("old_log_prob"):
                     batch["old_log_probs"] = self._log_probs("actor", batch)
+                if "rollout_log_probs" in batch:
+                    # How far the rollout engine's numbers drift from the trainer's.
+                    metrics.update(rollout_logprob_gap(
+                        batch["rollout_log_probs"], batch["old_log_probs"], batch["response_mask"]
+                    ))
 
             if self.use_ref:
                 with timer.phase("ref"):
@@ -267,8 +290,90 @@ class RLTrainer:
         num_tokens = int(sampled["attention_mask"].sum())
         metrics["throughput/tokens_per_s"] = num_tokens / step_time
         metrics["weight_version"] = self.weight_version
-        self.metrics.log(metrics)
+        metrics["trainer/restarts"] = float(self.restarts)
+        test_freq = int(cfg.trainer.test_freq)
+        if self.val_dataset is not None and (self.global_step % test_freq == 0 or self.global_step == self.total_steps):
+            with timer.phase("validate"):
+                metrics.update(self.validate())
+            metrics["timing/validate_s"] = timer.timings["timing/validate_s"]
+        self._log(metrics)
+        save_freq = int(cfg.trainer.save_freq)
+        if save_freq > 0 and (self.global_step % save_freq == 0 or self.global_step == self.total_steps):
+            self.save_checkpoint()
         return metrics
+
+    def _log(self, metrics: dict[str, Any]) -> None:
+        self.metrics.log(metrics)
+        for tracker in self.trackers:
+            tracker.log(metrics, int(metrics["step"]))
+
+    # ----------------------------------------------------------------- validation
+    def validate(self) -> dict[str, float]:
+        """Greedy (``rollout.val_temperature``) answers to every val prompt, scored: ``val/...``."""
+        cfg = self.cfg
+        rows = [self.val_dataset[i] for i in range(len(self.val_dataset))]
+        batch = collate_fn(rows)
+        temperature = float(cfg.rollout.val_temperature)
+        batch.update(self.groups["rollout"].call_sharded(
+            "generate", batch, seed=self.global_step, temperature=temperature,
+            do_sample=temperature > 0, expected_weight_version=self.weight_version,
+        ))
+        batch.update(self.groups["reward"].call_sharded("compute_reward", batch))
+        scores = batch["scores"].float()
+        out = {"val/reward/mean": scores.mean().item(),
+               "val/response_length/mean": batch["response_mask"].sum(-1).float().mean().item()}
+        by_source: dict[str, list[float]] = {}
+        for source, score in zip(batch["data_source"], scores.tolist()):
+            by_source.setdefault(str(source), []).append(score)
+        for source, values in by_source.items():
+            out[f"val/reward/{source}"] = sum(values) / len(values)
+        return out
+
+    # ----------------------------------------------------------------- checkpoints
+    def _trained_roles(self) -> list[str]:
+        return ["actor"] + (["critic"] if self.use_critic else [])
+
+    def save_checkpoint(self) -> str:
+        state = {
+            "global_step": self.global_step,
+            "weight_version": self.weight_version,
+            "batches": self.batches.state_dict(),
+            "kl_ctrl": self.kl_ctrl.state_dict() if self.kl_ctrl is not None else None,
+            "restarts": self.restarts,
+        }
+
+        def write_parts(folder: str) -> None:
+            # Start every role's save before waiting on any, so the roles write in parallel.
+            pending = [
+                (self.groups[role], self.groups[role].call_all_async("save_checkpoint", os.path.join(folder, role)))
+                for role in self._trained_roles()
+            ]
+            for wg, refs in pending:
+                wg.get(refs, "save_checkpoint")
+
+        path = ckpt.save_checkpoint(
+            self.output_dir, self.global_step, state, OmegaConf.to_yaml(self.cfg, resolve=True),
+            write_parts, max_to_keep=self.cfg.trainer.max_ckpt_to_keep,
+        )
+        tqdm.write(f"[rlflow] checkpoint saved: {path}")
+        return path
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore the trainer, its trained workers and the rollout weights from ``path``."""
+        state = ckpt.load_trainer_state(path)
+        for role in self._trained_roles():
+            self.groups[role].call_all("load_checkpoint", os.path.join(path, role))
+        self.global_step = int(state["global_step"])
+        self.batches.load_state_dict(state["batches"])
+        if self.kl_ctrl is not None and state.get("kl_ctrl") is not None:
+            self.kl_ctrl.load_state_dict(state["kl_ctrl"])
+        self.restarts = max(self.restarts, int(state.get("restarts", 0)))
+        ckpt.load_rng(os.path.join(path, "driver_rng.pt"))
+        # The rollout engine starts from the base model: give it the restored weights.
+        self.weight_version = int(state["weight_version"]) - 1
+        self._sync_weights()
+        self.metrics.truncate_after(self.global_step)
+        tqdm.write(f"[rlflow] resumed from {path} at step {self.global_step}")
 
     # ----------------------------------------------------------------- rollouts
     def _next_prompts(self) -> BatchedDataDict:
@@ -452,15 +557,53 @@ class RLTrainer:
         )
         try:
             while self.global_step < end:
-                metrics = self.step()
+                try:
+                    metrics = self.step()
+                except WorkerDiedError as err:
+                    self._recover(err)
+                    bar.n = self.global_step
+                    bar.refresh()
+                    continue
                 bar.update(1)
                 bar.set_postfix({"reward": f"{metrics['reward/mean']:.3f}"})
                 tqdm.write(MetricsLog.console_line(metrics))
         finally:
             bar.close()
+        if self.cfg.trainer.export_hf:
+            from rlflow.export import export_from_actor_group
+
+            path = export_from_actor_group(self.groups["actor"], self.cfg.model, os.path.join(self.output_dir, "hf_model"))
+            tqdm.write(f"[rlflow] exported the policy as a Hugging Face model: {path}")
         return self.metrics.history
 
-    def close(self) -> None:
+    def _recover(self, err: WorkerDiedError) -> None:
+        """A worker process died: rebuild every group and continue from the last checkpoint."""
+        self.restarts += 1
+        limit = int(self.cfg.trainer.max_restarts)
+        if self.restarts > limit:
+            raise err
+        logger.warning("worker died (%s); restart %d of %d", err, self.restarts, limit)
+        tqdm.write(f"[rlflow] a worker died ({str(err).splitlines()[0]}); restart {self.restarts} of {limit}")
+        self.close(trackers=False)
+        self._build_worker_groups()
+        self._log_workers()
+        resume_from = ckpt.resolve_resume_path(self.output_dir, "auto")
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        else:
+            # No checkpoint yet: start over from the base model and the first batch.
+            self.global_step, self.weight_version = 0, 0
+            self.batches.load_state_dict({"epoch": 0, "batch_in_epoch": 0})
+            self.metrics.truncate_after(0)
+
+    def close(self, trackers: bool = True) -> None:
         for wg in self.groups.values():
-            wg.shutdown()
+            try:
+                wg.shutdown()
+            except Exception:  # noqa: BLE001 - a dead group must not stop the others from closing
+                logger.warning("shutting down role %s failed", wg.role, exc_info=True)
         self.groups.clear()
+        if trackers:
+            for tracker in self.trackers:
+                tracker.close()
+            self.trackers = []

@@ -58,6 +58,19 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after ``step`` (a resumed run redoes those steps)."""
+        if not os.path.isfile(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        kept = [r for r in rows if int(r.get("step", 0)) <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(tmp, self.path)
+        self.history = kept
+
     @classmethod
     def console_line(cls, metrics: dict[str, Any]) -> str:
         parts = [f"step {metrics.get('step')}"]

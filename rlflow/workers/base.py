@@ -200,3 +200,26 @@ class Worker:
         """Leave the default process group if this worker joined one. Idempotent."""
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+    # ----------------------------------------------------------------- checkpoints
+    # For workers that train a model: they keep it in ``self.model`` with ``self.optimizer``,
+    # ``self.lr_scheduler`` and ``self.global_step`` (the actor and the critic).
+
+    def save_checkpoint(self, folder: str) -> None:
+        """Write this rank's part of the worker's state; every rank must call it."""
+        from rlflow.workers.checkpointing import save_worker_state
+
+        save_worker_state(
+            folder, self.rank, self.model, getattr(self, "optimizer", None),
+            getattr(self, "lr_scheduler", None), {"global_step": int(getattr(self, "global_step", 0))},
+        )
+
+    def load_checkpoint(self, folder: str) -> int:
+        """Restore what ``save_checkpoint`` wrote; returns the worker's step counter."""
+        from rlflow.workers.checkpointing import load_worker_state
+
+        extra = load_worker_state(
+            folder, self.rank, self.model, getattr(self, "optimizer", None), getattr(self, "lr_scheduler", None)
+        )
+        self.global_step = int(extra.get("global_step", 0))
+        return self.global_step

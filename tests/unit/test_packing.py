@@ -238,3 +238,17 @@ def test_split_to_count_keeps_cost_and_adds_empty_steps():
     groups = _split_to_count([[0, 1]], 4, lengths, "unpadded", 8)
     assert [len(g) for g in groups] == [1, 1, 0, 0]
     assert _split_to_count([[0], [1, 2]], 2, lengths, "padded", 1) == [[0], [1, 2]]
+
+
+def test_varlen_attention_refuses_what_it_cannot_do():
+    q = torch.randn(1, 2, 6, 4)
+    bounds = torch.tensor([0, 2, 6], dtype=torch.int32)
+    module = torch.nn.Module()
+    out, _ = packing._varlen_sdpa_attention(module, q, q, q, None, cu_seq_lens_q=bounds, sliding_window=4)
+    assert out.shape == (1, 6, 2, 4)  # a window as long as every sequence changes nothing
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        packing._varlen_sdpa_attention(module, q, q, q, None, cu_seq_lens_q=bounds, sliding_window=3)
+    with pytest.raises(NotImplementedError, match="softcap"):
+        packing._varlen_sdpa_attention(module, q, q, q, None, cu_seq_lens_q=bounds, softcap=30.0)
+    with pytest.raises(ValueError, match="one packed row"):
+        packing._varlen_sdpa_attention(module, q.expand(2, -1, -1, -1), q, q, None, cu_seq_lens_q=bounds)
