@@ -318,12 +318,17 @@ def score_responses(
             cu_seq_lens_q=inputs.cu_seqlens, cu_seq_lens_k=inputs.cu_seqlens,
             max_length_q=longest, max_length_k=longest,
         )
+    keep = inputs.keep
     if _accepts_logits_to_keep(model):
-        # a 2-D bool tensor keeps exactly these positions, flattened to [K, V]
-        kwargs["logits_to_keep"] = inputs.keep
+        # A 1-D tensor of sequence positions (every transformers release that has the argument
+        # takes this form) runs only the columns holding a scored position through the LM head.
+        columns = keep.any(dim=0).nonzero().squeeze(-1)
+        kwargs["logits_to_keep"] = columns
+        keep = keep[:, columns]
     logits = model(**kwargs).logits
-    if logits.dim() == 3:  # the model ignored logits_to_keep or does not take it
-        logits = logits[inputs.keep]
+    if logits.shape[1] != keep.shape[1]:  # the model ignored logits_to_keep
+        keep = inputs.keep
+    logits = logits[keep]
     logits = logits.float() / temperature
     num_scored = int(inputs.targets.shape[0])
     if logits.shape[0] != num_scored:
