@@ -22,18 +22,21 @@ from rlflow.trainer.dpo_trainer import DPOTrainer
 from rlflow.trainer.rl_trainer import RLTrainer
 
 
-def build_trainer(cfg: DictConfig) -> RLTrainer | DPOTrainer:
+def build_trainer(cfg: DictConfig, **objects: Any) -> RLTrainer | DPOTrainer:
     """Start Ray (or join ``cluster.address``), spawn the worker groups, return the trainer.
 
     ``trainer.algorithm`` picks it: ``rl`` (GRPO, PPO, RLOO, ... by ``algorithm.adv_estimator``)
     gives an ``RLTrainer``, ``dpo`` a ``DPOTrainer``. Both offer ``step()``, ``fit()``,
-    ``metrics.history``, ``output_dir`` and ``close()``.
+    ``metrics.history``, ``output_dir`` and ``close()``. For RL, Python objects can stand in
+    for config paths: ``reward_fn=`` (a scoring function), ``train_dataset=``, ``packer=``.
     """
     algorithm = cfg.trainer.algorithm
     if algorithm == "dpo":
+        if objects:
+            raise ConfigError(f"build_trainer: {', '.join(objects)} only apply to trainer.algorithm=rl")
         return DPOTrainer(cfg)
     if algorithm == "rl":
-        return RLTrainer(cfg)
+        return RLTrainer(cfg, **objects)
     raise ConfigError(
         f"trainer.algorithm='{algorithm}' is not valid: use one of {', '.join(TRAINER_ALGORITHMS)}"
     )

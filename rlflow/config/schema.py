@@ -37,6 +37,12 @@ class ModelConfig:
 
 
 @dataclass
+class CustomFunctionConfig:
+    path: Optional[str] = None
+    name: str = "compute_score"
+
+
+@dataclass
 class DataConfig:
     train_files: List[str] = field(default_factory=lambda: ["demo:arithmetic/train.parquet"])
     val_files: List[str] = field(default_factory=lambda: ["demo:arithmetic/test.parquet"])
@@ -51,7 +57,16 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 1
     return_raw_chat: bool = False
+    return_full_prompt: bool = False
     apply_chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
+    # Keep the first max_samples prompts after filtering (-1: all).
+    max_samples: int = -1
+    filter_overlong_prompts_workers: int = 1
+    # A user Dataset class in a .py file (instantiated with data_files / tokenizer / config,
+    # then its optional setup(config, tokenizer)); rows must look like RLHFDataset's.
+    custom_cls: CustomFunctionConfig = field(default_factory=lambda: CustomFunctionConfig(name=""))
+    # A DataPacker (rlflow.data.packer) in a .py file whose rollout_collate_fn builds batches.
+    packer: CustomFunctionConfig = field(default_factory=lambda: CustomFunctionConfig(name=""))
 
 
 @dataclass
@@ -199,12 +214,6 @@ class CriticConfig:
 
 
 @dataclass
-class CustomFunctionConfig:
-    path: Optional[str] = None
-    name: str = "compute_score"
-
-
-@dataclass
 class OverlongBufferConfig:
     """DAPO's soft overlong punishment: a response whose length enters the last ``len`` tokens
     before ``data.max_response_length`` loses ``penalty_factor * (excess / len)`` reward, growing
@@ -222,6 +231,9 @@ class RewardConfig:
     # Ray custom resources per worker; {node_a100: 1} pins the role to nodes that offer node_a100.
     custom_resources: Dict[str, float] = field(default_factory=dict)
     custom_fn: CustomFunctionConfig = field(default_factory=CustomFunctionConfig)
+    # Several reward functions combined: score = sum of weight * component (each logged as
+    # reward/<label>). Entries: {path: file.py or null for the built-in registry, name, weight, label}.
+    fns: List[Dict[str, Any]] = field(default_factory=list)
     # A scorer that raises or runs longer than timeout_s on one sample gives that sample
     # error_score instead of stalling or failing the step (counted in reward/num_errors).
     timeout_s: Optional[float] = 10.0

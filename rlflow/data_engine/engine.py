@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from rlflow.data.batched_data_dict import BatchedDataDict
+from rlflow.data.custom_loading import load_object
 from rlflow.data.rlhf_dataset import RLHFDataset, collate_fn
 from rlflow.data_engine.config import SCORERS, STAGES
 from rlflow.data_engine.pairing import STRATEGIES, pair_prompt
@@ -36,7 +37,6 @@ from rlflow.distributed.worker_group import WorkerGroup
 from rlflow.errors import ConfigError
 from rlflow.models.loading import load_tokenizer
 from rlflow.trainer.output_dir import default_output_dir
-from rlflow.workers.reward import load_custom_function
 
 logger = logging.getLogger("rlflow.data_engine")
 
@@ -293,7 +293,7 @@ class DataEngine:
     def _stage_pair(self) -> dict[str, Any]:
         ecfg = self.cfg.engine
         pcfg = ecfg.pairing
-        judge = load_custom_function(pcfg.judge.path, pcfg.judge.name) if pcfg.strategy == "judge" else None
+        judge = load_object(pcfg.judge.path, pcfg.judge.name) if pcfg.strategy == "judge" else None
         samples = self.work.read_stage("sample")
         if len(self.work.finished_shards("sample")) < self.num_shards:
             raise ConfigError(f"the sample stage in {self.work.root} is incomplete: run it first")

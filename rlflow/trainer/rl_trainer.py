@@ -31,6 +31,7 @@ from rlflow.algorithms.kl_control import apply_kl_in_reward, build_kl_controller
 from rlflow.algorithms.reward_shaping import add_sequence_reward, overlong_penalty, varied_group_indices
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.data.prompt_batches import PromptBatches
+from rlflow.data.custom_loading import build_custom_dataset, resolve_packer
 from rlflow.data.rlhf_dataset import RLHFDataset, collate_fn
 from rlflow.demo.assets import resolve_demo_path
 from rlflow.distributed.ray_cluster import init_ray
@@ -104,7 +105,16 @@ def _splittable(responses: int, workers: int, mini: int, micro: int) -> bool:
 class RLTrainer:
     """Builds the worker groups for a config and runs on-policy RL training steps."""
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        *,
+        reward_fn: Optional[Any] = None,
+        train_dataset: Optional[Any] = None,
+        packer: Optional[Any] = None,
+    ) -> None:
+        """``reward_fn``, ``train_dataset`` and ``packer`` are Python objects that replace the
+        config's ``reward.*``, ``data.custom_cls`` and ``data.packer`` (handy in notebooks)."""
         check_config(cfg)
         if cfg.trainer.algorithm != "rl":
             raise ConfigError(
@@ -121,7 +131,9 @@ class RLTrainer:
         self.restarts = 0
 
         self.tokenizer = load_tokenizer(cfg.model)
-        self.train_dataset = self._dataset(cfg.data.train_files)
+        self.reward_fn = reward_fn
+        self.packer = self._packer(packer)
+        self.train_dataset = train_dataset if train_dataset is not None else self._dataset(cfg.data.train_files)
         self.batches = PromptBatches(
             len(self.train_dataset), int(cfg.data.train_batch_size), bool(cfg.data.shuffle), int(cfg.data.seed)
         )
@@ -164,18 +176,36 @@ class RLTrainer:
             raise
 
     # ----------------------------------------------------------------- set-up
-    def _dataset(self, files: Any) -> RLHFDataset:
+    def _packer(self, packer: Optional[Any]) -> Optional[Any]:
+        spec = packer
+        if spec is None and self.cfg.data.packer.path:
+            spec = {"path": self.cfg.data.packer.path, "name": self.cfg.data.packer.name}
+        return None if spec is None else resolve_packer(spec, config=self.cfg, tokenizer=self.tokenizer)
+
+    def _dataset(self, files: Any) -> Any:
         dcfg = self.cfg.data
+        resolved = [resolve_demo_path(str(f)) for f in files]
+        if dcfg.custom_cls.path:
+            return build_custom_dataset(dcfg.custom_cls.path, dcfg.custom_cls.name, dcfg, self.tokenizer, resolved)
         return RLHFDataset(
-            [resolve_demo_path(str(f)) for f in files],
+            resolved,
             self.tokenizer,
             prompt_key=dcfg.prompt_key,
             max_prompt_length=int(dcfg.max_prompt_length),
             truncation=dcfg.truncation,
             filter_overlong_prompts=bool(dcfg.filter_overlong_prompts),
             return_raw_chat=bool(dcfg.return_raw_chat),
+            return_full_prompt=bool(dcfg.return_full_prompt),
+            max_samples=int(dcfg.max_samples),
+            filter_overlong_prompts_workers=int(dcfg.filter_overlong_prompts_workers),
             apply_chat_template_kwargs=OmegaConf.to_container(dcfg.apply_chat_template_kwargs),
         )
+
+    def _collate(self, rows: list) -> BatchedDataDict:
+        """Dataset rows -> the prompt batch: through the packer when one is configured."""
+        if self.packer is None:
+            return collate_fn(rows)
+        return self.packer.rollout_collate_fn([self.packer.get_rollout_input(row) for row in rows])
 
     def _optimizer_steps(self, role_cfg: Any, training_steps: int) -> int:
         per_step = (int(self.cfg.data.train_batch_size) // int(role_cfg.ppo_mini_batch_size)) * int(role_cfg.ppo_epochs)
@@ -201,7 +231,8 @@ class RLTrainer:
                 CriticWorker, "critic", cfg.critic, total_steps=self._optimizer_steps(cfg.critic, self.total_steps)
             )
         self.groups["rollout"] = group(rollout_worker_class(cfg.rollout.backend), "rollout", cfg.rollout)
-        self.groups["reward"] = group(RewardWorker, "reward", cfg.reward)
+        reward_kwargs = {"score_fn": self.reward_fn} if self.reward_fn is not None else {}
+        self.groups["reward"] = group(RewardWorker, "reward", cfg.reward, **reward_kwargs)
 
     def _log_workers(self) -> None:
         for role, wg in self.groups.items():
@@ -312,7 +343,7 @@ class RLTrainer:
         """Greedy (``rollout.val_temperature``) answers to every val prompt, scored: ``val/...``."""
         cfg = self.cfg
         rows = [self.val_dataset[i] for i in range(len(self.val_dataset))]
-        batch = collate_fn(rows)
+        batch = self._collate(rows)
         temperature = float(cfg.rollout.val_temperature)
         batch.update(self.groups["rollout"].call_sharded(
             "generate", batch, seed=self.global_step, temperature=temperature,
@@ -378,7 +409,7 @@ class RLTrainer:
     # ----------------------------------------------------------------- rollouts
     def _next_prompts(self) -> BatchedDataDict:
         rows = [self.train_dataset[i] for i in self.batches.next_indices()]
-        return collate_fn(rows)
+        return self._collate(rows)
 
     def _generate_and_score(self, timer: PhaseTimer, round_idx: int) -> BatchedDataDict:
         """One generation round: the next prompt batch, ``rollout.n`` responses each, scored."""

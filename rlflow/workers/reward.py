@@ -7,17 +7,16 @@ values, which come back as per-sample lists and are logged as ``reward/<name>``.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from omegaconf import OmegaConf
 
 from rlflow.data.batched_data_dict import BatchedDataDict
-from rlflow.errors import ConfigError
 from rlflow.models.loading import load_tokenizer
+from rlflow.data.custom_loading import load_object
+from rlflow.rewards.combine import build_reward_fn
 from rlflow.rewards.guarded import guarded_score
 from rlflow.rewards.registry import default_compute_score
 from rlflow.workers.base import Worker
@@ -26,27 +25,22 @@ ScoreFn = Callable[..., Any]
 logger = logging.getLogger(__name__)
 
 
-def load_custom_function(path: str, name: str) -> ScoreFn:
-    """Import ``name`` from the Python file at ``path`` (only from a path the user configured)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"reward.custom_fn.path '{path}' is not a file: give the path of a .py file")
-    spec = importlib.util.spec_from_file_location(f"rlflow_custom_reward_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, name):
-        raise ConfigError(f"reward.custom_fn.name '{name}' is not defined in {path}")
-    return getattr(module, name)
-
-
 class RewardWorker(Worker):
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: dict, score_fn: Optional[ScoreFn] = None) -> None:
+        """``score_fn``: a Python callable passed from the driver (it travels pickled); else
+        ``reward.fns`` (several, weighted), ``reward.custom_fn`` or the built-in registry."""
         super().__init__()
         self.cfg = OmegaConf.create(config)
         self.tokenizer = load_tokenizer(self.cfg.model)
-        custom = self.cfg.reward.custom_fn
-        self.score_fn: ScoreFn = (
-            load_custom_function(custom.path, custom.name) if custom.path else default_compute_score
-        )
+        rcfg = self.cfg.reward
+        if score_fn is not None:
+            self.score_fn: ScoreFn = score_fn
+        elif rcfg.fns:
+            self.score_fn = build_reward_fn(OmegaConf.to_container(rcfg.fns))
+        elif rcfg.custom_fn.path:
+            self.score_fn = load_object(rcfg.custom_fn.path, rcfg.custom_fn.name)
+        else:
+            self.score_fn = default_compute_score
 
     def compute_reward(self, batch: BatchedDataDict) -> BatchedDataDict:
         responses = batch["responses"]
