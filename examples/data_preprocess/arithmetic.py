@@ -25,10 +25,15 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import tempfile
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
+
+try:  # loaded through rlflow (installed wheel or checkout)
+    from rlflow.utils.bundled import import_data_preprocess
+
+    preprocess_io = import_data_preprocess("_preprocess_io")
+except ImportError:  # run as a script from this folder without rlflow installed
+    import _preprocess_io as preprocess_io  # type: ignore[no-redef]
 
 DATA_SOURCE = "arithmetic"
 SUPPORTED_OPS = ("+", "-", "*")
@@ -103,23 +108,26 @@ def make_rows(
     return rows
 
 
-def write_parquet(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
-    """Write ``rows`` to ``path`` atomically (temporary file in the same folder, then rename)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def write_seeded_splits(
+    out_dir: str | os.PathLike[str],
+    make: Callable[..., list[dict[str, Any]]],
+    *,
+    train_size: int,
+    test_size: int,
+    seed: int,
+    **task: Any,
+) -> dict[str, str]:
+    """Write ``train.parquet`` and ``test.parquet`` made by ``make(size, seed, split=..., **task)``.
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(rows)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    The train split uses ``seed`` and the test split ``seed + TEST_SEED_OFFSET``, so the two
+    are independent draws. Both are generated before either is written. Returns
+    ``{"train": path, "test": path}`` as strings.
+    """
+    splits = {
+        "train": make(train_size, seed, split="train", **task),
+        "test": make(test_size, seed + TEST_SEED_OFFSET, split="test", **task),
+    }
+    return preprocess_io.write_splits(splits, out_dir)
 
 
 def write_splits(
@@ -136,23 +144,27 @@ def write_splits(
 
     Returns ``{"train": path, "test": path}`` as strings.
     """
-    out = Path(out_dir)
-    paths = {}
-    for split, size, split_seed in (
-        ("train", train_size, seed),
-        ("test", test_size, seed + TEST_SEED_OFFSET),
-    ):
-        rows = make_rows(
-            size, split_seed, max_operand=max_operand, ops=ops, min_operand=min_operand, split=split
-        )
-        path = out / f"{split}.parquet"
-        write_parquet(rows, path)
-        paths[split] = str(path)
-    return paths
+    return write_seeded_splits(
+        out_dir,
+        make_rows,
+        train_size=train_size,
+        test_size=test_size,
+        seed=seed,
+        max_operand=max_operand,
+        ops=ops,
+        min_operand=min_operand,
+    )
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run_cli(
+    argv: Sequence[str] | None, description: str, write: Callable[..., dict[str, str]]
+) -> dict[str, str]:
+    """Parse the task options (``--local_dir``, sizes, seed, operands, ops) from ``argv``, call
+    ``write(local_dir, train_size=..., ...)`` (a ``write_splits``) and print the paths.
+
+    ``description`` is the script's docstring; its first paragraph is the ``--help`` text.
+    """
+    parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
     parser.add_argument("--local_dir", required=True, help="folder for train.parquet and test.parquet")
     parser.add_argument("--train_size", type=int, default=DEFAULT_TRAIN_SIZE)
     parser.add_argument("--test_size", type=int, default=DEFAULT_TEST_SIZE)
@@ -164,12 +176,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="+",
         help="operators to draw from, e.g. '+-*' (write --ops=-+ when the value starts with '-')",
     )
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, str]:
-    args = _parse_args(argv)
-    paths = write_splits(
+    args = parser.parse_args(argv)
+    paths = write(
         args.local_dir,
         train_size=args.train_size,
         test_size=args.test_size,
@@ -181,6 +189,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     for split, path in paths.items():
         print(f"{split}: {path}")
     return paths
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, str]:
+    return run_cli(argv, __doc__, write_splits)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,10 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import operator
 import os
 import random
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 try:  # loaded through rlflow (installed wheel or checkout)
@@ -40,8 +38,8 @@ try:  # loaded through rlflow (installed wheel or checkout)
 except ImportError:  # run as a script next to arithmetic.py without rlflow installed
     import arithmetic  # type: ignore[no-redef]
 
-DEFAULT_TRAIN_SIZE = 2048
-DEFAULT_TEST_SIZE = 256
+DEFAULT_TRAIN_SIZE = arithmetic.DEFAULT_TRAIN_SIZE
+DEFAULT_TEST_SIZE = arithmetic.DEFAULT_TEST_SIZE
 # Wrong answers use their own random stream, so the prompts equal arithmetic.py's for a seed.
 REJECTED_SEED_OFFSET = 7_919
 _OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
@@ -112,51 +110,20 @@ def write_splits(
 ) -> dict[str, str]:
     """Write ``train.parquet`` (seed ``seed``) and ``test.parquet`` (a separate seed stream,
     as in ``arithmetic.write_splits``). Returns ``{"train": path, "test": path}``."""
-    out = Path(out_dir)
-    paths = {}
-    for split, size, split_seed in (
-        ("train", train_size, seed),
-        ("test", test_size, seed + arithmetic.TEST_SEED_OFFSET),
-    ):
-        rows = make_pairs(
-            size, split_seed, max_operand=max_operand, ops=ops, min_operand=min_operand, split=split
-        )
-        path = out / f"{split}.parquet"
-        arithmetic.write_parquet(rows, path)
-        paths[split] = str(path)
-    return paths
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--local_dir", required=True, help="folder for train.parquet and test.parquet")
-    parser.add_argument("--train_size", type=int, default=DEFAULT_TRAIN_SIZE)
-    parser.add_argument("--test_size", type=int, default=DEFAULT_TEST_SIZE)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max_operand", type=int, default=arithmetic.DEFAULT_MAX_OPERAND)
-    parser.add_argument("--min_operand", type=int, default=0)
-    parser.add_argument(
-        "--ops",
-        default="+",
-        help="operators to draw from, e.g. '+-*' (write --ops=-+ when the value starts with '-')",
+    return arithmetic.write_seeded_splits(
+        out_dir,
+        make_pairs,
+        train_size=train_size,
+        test_size=test_size,
+        seed=seed,
+        max_operand=max_operand,
+        ops=ops,
+        min_operand=min_operand,
     )
-    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, str]:
-    args = _parse_args(argv)
-    paths = write_splits(
-        args.local_dir,
-        train_size=args.train_size,
-        test_size=args.test_size,
-        seed=args.seed,
-        max_operand=args.max_operand,
-        ops=tuple(args.ops),
-        min_operand=args.min_operand,
-    )
-    for split, path in paths.items():
-        print(f"{split}: {path}")
-    return paths
+    return arithmetic.run_cli(argv, __doc__, write_splits)
 
 
 if __name__ == "__main__":

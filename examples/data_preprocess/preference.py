@@ -46,15 +46,15 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rlflow.errors import DataError
+from rlflow.utils.bundled import import_data_preprocess
+
+# Raw-file reading and parquet writing shared with the other scripts (loaded from this folder).
+preprocess_io = import_data_preprocess("_preprocess_io")
 
 DEFAULT_DATA_SOURCE = "preference"
 SEARCH_SUBDIRS = ("", "data")
@@ -148,112 +148,13 @@ def convert_rows(
     return out
 
 
-# --------------------------------------------------------------------------- raw files
-
-
-def find_split_files(dataset_dir: str | os.PathLike[str], split: str) -> list[Path]:
-    """Files holding ``split`` under ``dataset_dir`` (layouts in the module docstring).
-
-    Returns an empty list when no searched folder holds the split. Raises DataError when
-    ``dataset_dir`` is not a folder, or when one folder holds the split in two formats.
-    """
-    root = Path(dataset_dir).expanduser()
-    if not root.is_dir():
-        raise DataError(
-            f"--local_dataset_path {str(root)!r} is not a folder; point it at a local copy of "
-            "the raw dataset"
-        )
-    for sub in SEARCH_SUBDIRS:
-        folder = root / sub if sub else root
-        if not folder.is_dir():
-            continue
-        groups = [
-            found
-            for pattern in (f"{split}-*.parquet", f"{split}.parquet", f"{split}.jsonl", f"{split}.jsonl.gz")
-            if (found := sorted(folder.glob(pattern)))
-        ]
-        if len(groups) > 1:
-            names = ", ".join(group[0].name for group in groups)
-            raise DataError(f"{folder}: split {split!r} is there in several formats ({names}); keep one")
-        if groups:
-            return groups[0]
-    return []
-
-
-def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read one parquet or JSON-lines (optionally gzipped) file into a list of row dicts."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(path).to_pylist()
-        except (pa.ArrowException, OSError) as exc:
-            raise DataError(f"{path}: not a readable parquet file ({_first_line(exc)})") from None
-    opener = gzip.open if path.name.endswith(".gz") else open
-    rows = []
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{lineno}: expected one JSON object per line")
-                rows.append(row)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read ({_first_line(exc)})") from None
-    return rows
-
-
-def load_files(files: Sequence[Path]) -> list[dict[str, Any]]:
-    """Concatenate the rows of ``files``; raises DataError naming the file on a missing column."""
-    rows = []
-    for path in files:
-        file_rows = read_rows(path)
-        for n, row in enumerate(file_rows):
-            missing = [c for c in REQUIRED_COLUMNS if c not in row]
-            if missing:
-                raise DataError(
-                    f"{path}: row {n} has no column {missing[0]!r} (columns: {sorted(row)}); "
-                    "a preference dataset needs 'chosen' and 'rejected' (and 'prompt' unless "
-                    "they are full conversations)"
-                )
-        rows.extend(file_rows)
-    if not rows:
-        raise DataError(f"{', '.join(map(str, files))}: no rows")
-    return rows
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-# --------------------------------------------------------------------------- output
-
-
-def write_parquet(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
-    """Write ``rows`` to ``path`` atomically (temporary file in the same folder, then rename)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(rows)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def _check_raw_row(row: dict[str, Any]) -> str | None:
+    return preprocess_io.missing_column(
+        row,
+        REQUIRED_COLUMNS,
+        "a preference dataset needs 'chosen' and 'rejected' (and 'prompt' unless they are "
+        "full conversations)",
+    )
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -284,14 +185,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     converted: dict[str, list[dict[str, Any]]] = {}
     try:
         for split, source_split in (("train", args.train_split), ("test", args.test_split)):
-            files = find_split_files(args.local_dataset_path, source_split)
+            files = preprocess_io.find_split_files(args.local_dataset_path, source_split, SEARCH_SUBDIRS)
             if not files:
                 continue
-            raw = load_files(files)
-            try:
-                converted[split] = convert_rows(raw, split, args.data_source)
-            except DataError as exc:
-                raise DataError(f"{', '.join(map(str, files))}: {exc}") from None
+            _, converted[split] = preprocess_io.load_and_convert(
+                files, _check_raw_row, lambda loaded: convert_rows(loaded, split, args.data_source)
+            )
         if not converted:
             root = Path(args.local_dataset_path).expanduser()
             raise DataError(
@@ -301,13 +200,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
             )
     except DataError as exc:
         raise SystemExit(f"preference.py: error: {exc}") from None
-    out_dir = Path(args.local_dir).expanduser()
-    paths = {}
-    for split, rows in converted.items():
-        path = out_dir / f"{split}.parquet"
-        write_parquet(rows, path)
-        paths[split] = str(path)
-        print(f"{split}: {len(rows)} pairs -> {path}")
+    paths = preprocess_io.write_splits(converted, Path(args.local_dir).expanduser())
+    for split, path in paths.items():
+        print(f"{split}: {len(converted[split])} pairs -> {path}")
     return paths
 
 

@@ -31,12 +31,11 @@ from rlflow.data.rlhf_dataset import RLHFDataset, collate_fn
 from rlflow.data_engine.config import SCORERS, STAGES
 from rlflow.data_engine.pairing import STRATEGIES, pair_prompt
 from rlflow.data_engine.workdir import WorkDir, write_parquet
-from rlflow.distributed.ray_cluster import init_ray
-from rlflow.distributed.resource_pool import ResourcePool
 from rlflow.distributed.worker_group import WorkerGroup
 from rlflow.errors import ConfigError
 from rlflow.models.loading import load_tokenizer
 from rlflow.trainer.output_dir import default_output_dir
+from rlflow.trainer.startup import build_pool, init_ray_from_config
 
 logger = logging.getLogger("rlflow.data_engine")
 
@@ -115,21 +114,12 @@ class DataEngine:
 
     def _ensure_ray(self) -> None:
         if not self._ray_started:
-            c = self.cfg.cluster
-            init_ray(address=c.address, num_cpus=c.num_cpus, num_gpus=c.num_gpus,
-                     dashboard_host=c.dashboard_host, include_dashboard=c.include_dashboard,
-                     namespace=c.namespace,
-                     runtime_env={"env_vars": dict(c.env_vars)} if c.env_vars else None)
+            init_ray_from_config(self.cfg.cluster)
             self._ray_started = True
 
     def _group(self, worker_cls: type, name: str, role_cfg: Any, **init_kwargs: Any) -> WorkerGroup:
         self._ensure_ray()
-        pool = ResourcePool(
-            name, num_workers=int(role_cfg.num_workers), cpus_per_worker=float(role_cfg.cpus_per_worker),
-            gpus_per_worker=float(getattr(role_cfg, "gpus_per_worker", 0.0)),
-            custom_resources=dict(getattr(role_cfg, "custom_resources", {}) or {}),
-        )
-        return WorkerGroup(worker_cls, name, pool, init_kwargs=init_kwargs)
+        return WorkerGroup(worker_cls, name, build_pool(name, role_cfg), init_kwargs=init_kwargs)
 
     def _plain_config(self, **model_overrides: Any) -> dict:
         plain = OmegaConf.to_container(self.cfg, resolve=True)

@@ -19,8 +19,6 @@ There is no rollout, reward or weight sync: the data is fixed. Held-out pairs
 
 from __future__ import annotations
 
-import logging
-import os
 import time
 from typing import Any, Optional
 
@@ -32,16 +30,13 @@ from rlflow.algorithms.losses import dpo_loss
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.data.preference_dataset import PreferenceDataset, collate_preference
 from rlflow.data.prompt_batches import PromptBatches
-from rlflow.distributed.ray_cluster import init_ray
 from rlflow.distributed.worker_group import WorkerGroup
 from rlflow.errors import ConfigError
 from rlflow.models.loading import load_tokenizer
 from rlflow.trainer.config_checks import check_config
-from rlflow.trainer.rl_trainer import build_pool, default_output_dir
+from rlflow.trainer.startup import build_pool, init_ray_from_config, log_workers, prepare_output_dir
 from rlflow.trainer.tracking import MetricsLog, PhaseTimer
 from rlflow.workers.dpo_policy import DPOPolicyWorker
-
-logger = logging.getLogger("rlflow")
 
 
 class DPOTrainer:
@@ -55,10 +50,7 @@ class DPOTrainer:
                 "rlflow.build_trainer(cfg), which picks the trainer for the algorithm"
             )
         self.cfg = cfg
-        self.output_dir = os.path.abspath(cfg.trainer.output_dir or default_output_dir(cfg))
-        os.makedirs(self.output_dir, exist_ok=True)
-        with open(os.path.join(self.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            f.write(OmegaConf.to_yaml(cfg, resolve=True))
+        self.output_dir = prepare_output_dir(cfg)
         self.metrics = MetricsLog(self.output_dir)
         torch.manual_seed(int(cfg.trainer.seed))
 
@@ -72,27 +64,14 @@ class DPOTrainer:
         self.global_step = 0
         self._val_ref_logps: Optional[torch.Tensor] = None
 
-        init_ray(
-            address=cfg.cluster.address,
-            num_cpus=cfg.cluster.num_cpus,
-            num_gpus=cfg.cluster.num_gpus,
-            dashboard_host=cfg.cluster.dashboard_host,
-            include_dashboard=cfg.cluster.include_dashboard,
-            namespace=cfg.cluster.namespace,
-            runtime_env={"env_vars": dict(cfg.cluster.env_vars)} if cfg.cluster.env_vars else None,
-        )
+        init_ray_from_config(cfg.cluster)
         self.groups: dict[str, WorkerGroup] = {}
         try:
             self._build_worker_groups()
         except BaseException:
             self.close()
             raise
-        for role, wg in self.groups.items():
-            infos = wg.workers_info()
-            desc = ", ".join(f"rank {i['rank']} pid {i['pid']} node {str(i['node_id'])[:8]}" for i in infos)
-            line = f"[rlflow] role {role}: {len(infos)} worker(s): {desc}"
-            logger.info(line)
-            tqdm.write(line)
+        log_workers(self.groups)
 
     # ----------------------------------------------------------------- set-up
     def _dataset(self, files: Any) -> PreferenceDataset:

@@ -34,15 +34,13 @@ from rlflow.data.prompt_batches import PromptBatches
 from rlflow.data.custom_loading import build_custom_dataset, resolve_packer
 from rlflow.data.rlhf_dataset import RLHFDataset, collate_fn
 from rlflow.demo.assets import resolve_demo_path
-from rlflow.distributed.ray_cluster import init_ray
-from rlflow.distributed.resource_pool import ResourcePool
 from rlflow.distributed.worker_group import WorkerGroup
 from rlflow.errors import ConfigError
 from rlflow.models.loading import load_tokenizer
 from rlflow.distributed.worker_group import WorkerDiedError
 from rlflow.trainer import checkpoint as ckpt
 from rlflow.trainer.config_checks import check_config
-from rlflow.trainer.output_dir import default_output_dir as durable_output_dir
+from rlflow.trainer.startup import build_pool, init_ray_from_config, log_workers, prepare_output_dir
 from rlflow.trainer.trackers import build_trackers
 from rlflow.trainer.tracking import MetricsLog, PhaseTimer
 from rlflow.utils.torch_functional import masked_mean
@@ -57,20 +55,6 @@ logger = logging.getLogger("rlflow")
 # Seeds of extra dynamic-sampling rounds are offset by this much per round, far from the
 # per-step seeds of round 0.
 _ROUND_SEED_STRIDE = 1_000_003
-
-
-def default_output_dir(cfg: DictConfig) -> str:
-    return durable_output_dir(cfg.trainer.experiment_name)
-
-
-def build_pool(name: str, role_cfg: Any) -> ResourcePool:
-    return ResourcePool(
-        name,
-        num_workers=int(role_cfg.num_workers),
-        cpus_per_worker=float(role_cfg.cpus_per_worker),
-        gpus_per_worker=float(getattr(role_cfg, "gpus_per_worker", 0.0)),
-        custom_resources=dict(getattr(role_cfg, "custom_resources", {}) or {}),
-    )
 
 
 def largest_divisor_at_most(n: int, cap: int) -> int:
@@ -122,10 +106,7 @@ class RLTrainer:
                 "rlflow.build_trainer(cfg), which picks the trainer for the algorithm"
             )
         self.cfg = cfg
-        self.output_dir = os.path.abspath(cfg.trainer.output_dir or default_output_dir(cfg))
-        os.makedirs(self.output_dir, exist_ok=True)
-        with open(os.path.join(self.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            f.write(OmegaConf.to_yaml(cfg, resolve=True))
+        self.output_dir = prepare_output_dir(cfg)
         self.metrics = MetricsLog(self.output_dir)
         torch.manual_seed(int(cfg.trainer.seed))
         self.restarts = 0
@@ -149,20 +130,12 @@ class RLTrainer:
         # The controller lives in the driver: its coefficient is one number per step.
         self.kl_ctrl = build_kl_controller(alg.kl_ctrl) if self.use_kl_in_reward else None
 
-        init_ray(
-            address=cfg.cluster.address,
-            num_cpus=cfg.cluster.num_cpus,
-            num_gpus=cfg.cluster.num_gpus,
-            dashboard_host=cfg.cluster.dashboard_host,
-            include_dashboard=cfg.cluster.include_dashboard,
-            namespace=cfg.cluster.namespace,
-            runtime_env={"env_vars": dict(cfg.cluster.env_vars)} if cfg.cluster.env_vars else None,
-        )
+        init_ray_from_config(cfg.cluster)
         self.groups: dict[str, WorkerGroup] = {}
         self.trackers = []
         try:
             self._build_worker_groups()
-            self._log_workers()
+            log_workers(self.groups)
             self.val_dataset = self._dataset(cfg.data.val_files) if int(cfg.trainer.test_freq) > 0 else None
             resume_from = ckpt.resolve_resume_path(self.output_dir, str(cfg.trainer.resume_mode))
             if resume_from is not None:
@@ -233,14 +206,6 @@ class RLTrainer:
         self.groups["rollout"] = group(rollout_worker_class(cfg.rollout.backend), "rollout", cfg.rollout)
         reward_kwargs = {"score_fn": self.reward_fn} if self.reward_fn is not None else {}
         self.groups["reward"] = group(RewardWorker, "reward", cfg.reward, **reward_kwargs)
-
-    def _log_workers(self) -> None:
-        for role, wg in self.groups.items():
-            infos = wg.workers_info()
-            desc = ", ".join(f"rank {i['rank']} pid {i['pid']} node {str(i['node_id'])[:8]}" for i in infos)
-            line = f"[rlflow] role {role}: {len(infos)} worker(s): {desc}"
-            logger.info(line)
-            tqdm.write(line)
 
     # ----------------------------------------------------------------- one step
     def step(self) -> dict[str, Any]:
@@ -617,7 +582,7 @@ class RLTrainer:
         tqdm.write(f"[rlflow] a worker died ({str(err).splitlines()[0]}); restart {self.restarts} of {limit}")
         self.close(trackers=False)
         self._build_worker_groups()
-        self._log_workers()
+        log_workers(self.groups)
         resume_from = ckpt.resolve_resume_path(self.output_dir, "auto")
         if resume_from is not None:
             self.load_checkpoint(resume_from)

@@ -21,7 +21,6 @@ Contracts:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterator
 
 import torch
@@ -29,12 +28,13 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from transformers import AutoModel
 
-from rlflow.algorithms.losses import count_tokens_and_seqs, value_loss_clipped
+from rlflow.algorithms.losses import value_loss_clipped
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.models.loading import resolve_model_path, torch_dtype
 from rlflow.optim import build_lr_scheduler, build_optimizer
 from rlflow.utils.torch_functional import masked_mean
 from rlflow.workers.base import Worker
+from rlflow.workers.fsdp import clip_and_step, global_token_and_seq_counts, shard_decoder_layers
 
 
 class ValueModel(torch.nn.Module):
@@ -96,26 +96,17 @@ class CriticWorker(Worker):
         model = load_value_model(self.cfg.model, ccfg.model_path or self.cfg.model.path, self.device)
         if self.cfg.model.gradient_checkpointing:
             model.backbone.gradient_checkpointing_enable()
-        self.model = self._shard(model) if self.world_size > 1 else model
+        if self.world_size > 1:
+            model = shard_decoder_layers(
+                model,
+                model.backbone,
+                "the critic backbone must expose .layers (Llama, Qwen2, Mistral ... do)",
+            )
+        self.model = model
         self.model.train()
         self.optimizer = build_optimizer(self.model.parameters(), ccfg.optim)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, ccfg.optim, total_steps)
         self.global_step = 0
-
-    @staticmethod
-    def _shard(model: ValueModel) -> ValueModel:
-        from torch.distributed.fsdp import fully_shard
-
-        layers = getattr(model.backbone, "layers", None)
-        if layers is None:
-            raise ValueError(
-                f"cannot find the decoder layers of {type(model.backbone).__name__} for FSDP2 "
-                "sharding: the critic backbone must expose .layers (Llama, Qwen2, Mistral ... do)"
-            )
-        for layer in layers:
-            fully_shard(layer)
-        fully_shard(model)
-        return model
 
     # ----------------------------------------------------------------- forward
     def _values(self, mb: BatchedDataDict) -> torch.Tensor:
@@ -181,16 +172,9 @@ class CriticWorker(Worker):
         metrics["critic/num_updates"] = float(num_updates)
         return metrics
 
-    def _global_counts(self, mini: BatchedDataDict) -> tuple[float, float]:
-        num_tokens, num_seqs = count_tokens_and_seqs(mini["response_mask"])
-        counts = torch.tensor([float(num_tokens), float(num_seqs)], dtype=torch.float64)
-        if self.world_size > 1:
-            dist.all_reduce(counts)
-        return counts[0].item(), counts[1].item()
-
     def _update_one_mini_batch(self, mini: BatchedDataDict) -> dict[str, float]:
         ccfg = self.cfg.critic
-        num_tokens, num_seqs = self._global_counts(mini)
+        num_tokens, num_seqs = global_token_and_seq_counts(mini["response_mask"], self.world_size)
         norm = dict(
             global_num_tokens=num_tokens,
             global_num_seqs=num_seqs,
@@ -222,13 +206,9 @@ class CriticWorker(Worker):
                 ],
                 dtype=torch.float64,
             )
-        grad_norm = self._clip_grad_norm(float(ccfg.optim.grad_clip))
-        skipped = not math.isfinite(grad_norm)
-        if skipped:
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.optimizer.step()
-        self.lr_scheduler.step()
+        grad_norm, skipped = clip_and_step(
+            self.model, self.optimizer, self.lr_scheduler, float(ccfg.optim.grad_clip)
+        )
         if self.world_size > 1:
             dist.all_reduce(stats)
         return {
@@ -238,10 +218,3 @@ class CriticWorker(Worker):
             "grad_norm": grad_norm,
             "skipped_updates": float(skipped),
         }
-
-    def _clip_grad_norm(self, max_norm: float) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        return float(norm)

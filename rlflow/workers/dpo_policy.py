@@ -11,7 +11,6 @@ Both roles use this class: the actor (trainable) and the frozen reference (``rol
 
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 import torch
@@ -20,6 +19,7 @@ import torch.distributed as dist
 from rlflow.algorithms.losses import dpo_loss
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.utils.torch_functional import logprobs_from_logits
+from rlflow.workers.fsdp import clip_and_step
 from rlflow.workers.policy import PolicyWorker
 
 # Per-rank statistics summed over micro-batches and ranks, then divided by the pair count.
@@ -126,13 +126,9 @@ class DPOPolicyWorker(PolicyWorker):
                     ],
                     dtype=torch.float64,
                 )
-        grad_norm = self._clip_grad_norm(float(self.cfg.actor.optim.grad_clip))
-        skipped = not math.isfinite(grad_norm)
-        if skipped:
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.optimizer.step()
-        self.lr_scheduler.step()
+        grad_norm, skipped = clip_and_step(
+            self.model, self.optimizer, self.lr_scheduler, float(self.cfg.actor.optim.grad_clip)
+        )
         self.global_step += 1
         if self.world_size > 1:
             dist.all_reduce(sums)

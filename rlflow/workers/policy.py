@@ -16,7 +16,6 @@ divided by the mini-batch's global token / sequence counts, so the gradient is t
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import ray
@@ -26,7 +25,6 @@ from omegaconf import OmegaConf
 
 from rlflow.algorithms.losses import (
     aggregate_loss,
-    count_tokens_and_seqs,
     kl_penalty,
     policy_loss_clipped,
     policy_loss_gspo,
@@ -41,6 +39,7 @@ from rlflow.models.packing import (
 )
 from rlflow.optim import build_lr_scheduler, build_optimizer
 from rlflow.workers.base import Worker
+from rlflow.workers.fsdp import clip_and_step, global_token_and_seq_counts, shard_decoder_layers
 
 
 class PolicyWorker(Worker):
@@ -67,7 +66,13 @@ class PolicyWorker(Worker):
         enable_varlen_sdpa(model)
         self.mask_kind = mask_kind_for(model)
         self.param_dtype = next(model.parameters()).dtype
-        self.model = self._shard(model) if self.world_size > 1 else model
+        if self.world_size > 1:
+            model = shard_decoder_layers(
+                model,
+                getattr(model, "model", model),
+                "the model must expose model.layers (Llama, Qwen2, Mistral, Gemma ... do)",
+            )
+        self.model = model
         self.temperature = float(self.cfg.rollout.temperature) or 1.0
 
         self.optimizer = None
@@ -77,20 +82,6 @@ class PolicyWorker(Worker):
             self.optimizer = build_optimizer(self.model.parameters(), self.cfg.actor.optim)
             self.lr_scheduler = build_lr_scheduler(self.optimizer, self.cfg.actor.optim, total_steps)
         self.global_step = 0
-
-    def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
-        from torch.distributed.fsdp import fully_shard
-
-        layers = getattr(getattr(model, "model", model), "layers", None)
-        if layers is None:
-            raise ValueError(
-                f"cannot find the decoder layers of {type(model).__name__} for FSDP2 sharding: "
-                f"the model must expose model.layers (Llama, Qwen2, Mistral, Gemma ... do)"
-            )
-        for layer in layers:
-            fully_shard(layer)
-        fully_shard(model)
-        return model
 
     # ----------------------------------------------------------------- micro-batching
     def _role_cfg(self) -> Any:
@@ -268,13 +259,6 @@ class PolicyWorker(Worker):
         self.optimizer.zero_grad(set_to_none=True)
         return grads
 
-    def _global_counts(self, mini: BatchedDataDict) -> tuple[float, float]:
-        num_tokens, num_seqs = count_tokens_and_seqs(mini["response_mask"])
-        counts = torch.tensor([float(num_tokens), float(num_seqs)], dtype=torch.float64)
-        if self.world_size > 1:
-            dist.all_reduce(counts)
-        return counts[0].item(), counts[1].item()
-
     def _backward_mini_batch(self, mini: BatchedDataDict) -> torch.Tensor:
         """Accumulate the gradient of this rank's share of the mini-batch loss.
 
@@ -284,7 +268,7 @@ class PolicyWorker(Worker):
         acfg = self.cfg.actor
         # Once per mini-batch: every micro-batch, whatever its size or layout, divides by the
         # same global counts, which is what makes the gradient invariant.
-        num_tokens, num_seqs = self._global_counts(mini)
+        num_tokens, num_seqs = global_token_and_seq_counts(mini["response_mask"], self.world_size)
         norm = dict(
             global_num_tokens=num_tokens,
             global_num_seqs=num_seqs,
@@ -334,13 +318,9 @@ class PolicyWorker(Worker):
         acfg = self.cfg.actor
         self.optimizer.zero_grad(set_to_none=True)
         stats = self._backward_mini_batch(mini)
-        grad_norm = self._clip_grad_norm(float(acfg.optim.grad_clip))
-        skipped = not math.isfinite(grad_norm)
-        if skipped:
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.optimizer.step()
-        self.lr_scheduler.step()
+        grad_norm, skipped = clip_and_step(
+            self.model, self.optimizer, self.lr_scheduler, float(acfg.optim.grad_clip)
+        )
         if self.world_size > 1:
             dist.all_reduce(stats)
         names = ("pg_loss", "entropy", "kl", "pg_clipfrac", "ppo_kl", "loss")
@@ -348,13 +328,6 @@ class PolicyWorker(Worker):
         out["grad_norm"] = grad_norm
         out["skipped_updates"] = float(skipped)
         return out
-
-    def _clip_grad_norm(self, max_norm: float) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        return float(norm)
 
     # ----------------------------------------------------------------- weights
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,88 @@
+"""Data-parallel training pieces shared by the FSDP2 workers (policy, DPO policy, critic).
+
+* :func:`shard_decoder_layers` wraps each decoder layer, then the root, with FSDP2's
+  ``fully_shard``: parameters are all-gathered one layer at a time in forward and backward.
+* :func:`global_token_and_seq_counts` sums a mini-batch's token and sequence counts over
+  ranks, the denominators of the globally normalised losses.
+* :func:`clip_and_step` clips the gradient norm and takes the optimiser step, skipping it
+  when the norm is not finite.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from rlflow.algorithms.losses import count_tokens_and_seqs
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
+
+def shard_decoder_layers(model: ModuleT, layers_owner: torch.nn.Module, requirement: str) -> ModuleT:
+    """``fully_shard`` every module in ``layers_owner.layers``, then ``model``; returns ``model``.
+
+    ``layers_owner`` is the part of ``model`` that holds the decoder layers (the model
+    itself, its ``.model`` or its backbone). Raises ValueError when it has no ``layers``,
+    ending with ``requirement`` (what the caller's model must expose). Needs an initialised
+    process group.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    layers = getattr(layers_owner, "layers", None)
+    if layers is None:
+        raise ValueError(
+            f"cannot find the decoder layers of {type(layers_owner).__name__} for FSDP2 "
+            f"sharding: {requirement}"
+        )
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def global_token_and_seq_counts(response_mask: torch.Tensor, world_size: int) -> tuple[float, float]:
+    """Valid tokens and sequences of ``response_mask`` ``(B, T)`` summed over all ranks.
+
+    A collective when ``world_size > 1``: every rank must call it.
+    """
+    num_tokens, num_seqs = count_tokens_and_seqs(response_mask)
+    counts = torch.tensor([float(num_tokens), float(num_seqs)], dtype=torch.float64)
+    if world_size > 1:
+        dist.all_reduce(counts)
+    return counts[0].item(), counts[1].item()
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the gradients of ``model`` to total norm ``max_norm`` and return the norm before
+    clipping; ``max_norm <= 0`` only measures. Parameters without a gradient are left out.
+
+    With FSDP2 the gradients are sharded DTensors and the norm comes back as one; it is made
+    whole (the norm over all ranks), so every rank returns the same value.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def clip_and_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any, max_norm: float
+) -> tuple[float, bool]:
+    """Finish one optimiser step on the accumulated gradients; returns ``(grad_norm, skipped)``.
+
+    Clips as :func:`clip_grad_norm`. A non-finite norm (inf/nan in some gradient) skips the
+    update and drops the gradients, since stepping would corrupt the weights; the LR
+    scheduler advances either way, so the schedule stays tied to the step count.
+    """
+    grad_norm = clip_grad_norm(model, max_norm)
+    skipped = not math.isfinite(grad_norm)
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+    lr_scheduler.step()
+    return grad_norm, skipped
