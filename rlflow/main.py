@@ -33,6 +33,19 @@ def user_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+def run_summary(history: list, output_dir: str) -> str:
+    """One line at the end of a run: how the reward moved, and where the metrics are."""
+    rewards = [row["reward/mean"] for row in history if row.get("reward/mean") is not None]
+    if not rewards:
+        return f"[rlflow] done: {len(history)} steps; metrics in {output_dir}/metrics.jsonl"
+    head, tail = rewards[:10], rewards[-10:]
+    return (
+        f"[rlflow] done: {len(history)} steps; reward/mean {sum(head) / len(head):.3f} over the first "
+        f"{len(head)} steps -> {sum(tail) / len(tail):.3f} over the last {len(tail)}; "
+        f"metrics in {output_dir}/metrics.jsonl"
+    )
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
@@ -55,9 +68,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if show_cfg:
             print(to_yaml(cfg))
             return 0
-        from rlflow.api import train
+        from rlflow.api import build_trainer
 
-        train(cfg)
+        trainer = build_trainer(cfg)
+        try:
+            history = trainer.fit()
+        finally:
+            trainer.close()
+        print(run_summary(history, trainer.output_dir))
         return 0
     except KeyboardInterrupt:
         print("rlflow: interrupted", file=sys.stderr)
