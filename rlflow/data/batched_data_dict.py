@@ -108,11 +108,12 @@ def _batch_len(key: str, value: Any) -> int:
     )
 
 
-def _take(key: str, value: Any, indices: list[int]) -> Any:
-    """Rows ``indices`` of one value (a new tensor / list; list entries are shared)."""
+def _take(key: str, value: Any, indices: list[int], index: torch.Tensor) -> Any:
+    """Rows ``indices`` (``index`` is the same as a tensor) of one value: a new tensor or
+    list; list entries are shared."""
     _batch_len(key, value)
     if isinstance(value, torch.Tensor):
-        return value[torch.tensor(indices, dtype=torch.long, device=value.device)]
+        return value[index.to(value.device)]
     return [value[i] for i in indices]
 
 
@@ -410,8 +411,9 @@ class BatchedDataDict(UserDict):
 
     def _rows(self, indices: list[int]) -> BatchedDataDict:
         out = type(self)()
+        index = torch.tensor(indices, dtype=torch.long)
         for key, value in self.data.items():
-            out[key] = _take(key, value, indices)
+            out[key] = _take(key, value, indices, index)
         return out
 
     def slice(self, start: int, end: int) -> SlicedDataDict:
@@ -562,8 +564,9 @@ class BatchedDataDict(UserDict):
         inverse = [0] * size
         for position, original in enumerate(order):
             inverse[original] = position
+        index = torch.tensor(inverse, dtype=torch.long)
         for key, value in list(self.data.items()):
-            self.data[key] = _take(key, value, inverse)
+            self.data[key] = _take(key, value, inverse, index)
         self.micro_batch_indices = self.micro_batch_lengths = self.elem_counts_per_gb = None
         return self
 

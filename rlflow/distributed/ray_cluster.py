@@ -36,6 +36,15 @@ _KNOWN_AUTH_MODES = ("disabled", "token")
 # rlflow probes the port first and fails within this many seconds.
 _CONNECT_PROBE_TIMEOUT_S = 5.0
 _RAY_CLIENT_DEFAULT_PORT = 10001
+# An embedded cluster runs only rlflow's actors, and each actor needs a process of its own
+# (its runtime env carries its rank): idle workers prestarted for plain tasks would only
+# compete with them for the CPU at start-up, and the default cap of one starting process per
+# core would start the roles' processes a few at a time.
+_LOCAL_SYSTEM_CONFIG = {
+    "enable_worker_prestart": False,
+    "prestart_worker_first_driver": False,
+    "worker_maximum_startup_concurrency": 16,
+}
 
 
 def ensure_auth_mode() -> str:
@@ -175,6 +184,7 @@ def init_ray(
     if address is None or address == "local":
         ray.init(
             address="local",
+            _system_config=_LOCAL_SYSTEM_CONFIG,
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             include_dashboard=include_dashboard,

@@ -189,7 +189,9 @@ class WorkerGroup:
     ``OMP_NUM_THREADS`` (the worker's whole CPUs, at least 1), plus ``env_vars``.
 
     The constructor waits up to ``ready_timeout_s`` for the pool, then as long again for
-    every worker to be constructed (None: no limit).
+    every worker to be constructed (None: no limit). With ``wait=False`` it returns once the
+    workers are spawned, and ``wait_ready()`` does the second wait: a driver spawns every
+    role first and then waits for all, so the roles load their models at the same time.
     ``call_timeout_s`` bounds every later blocking call (None: wait as long as it takes).
     """
 
@@ -202,6 +204,7 @@ class WorkerGroup:
         env_vars: dict[str, str] | None = None,
         ready_timeout_s: float | None = 600.0,
         call_timeout_s: float | None = None,
+        wait: bool = True,
     ) -> None:
         if not isinstance(worker_cls, type) or not issubclass(worker_cls, Worker):
             raise TypeError(
@@ -219,6 +222,7 @@ class WorkerGroup:
         self.role = role
         self.pool = pool
         self.call_timeout_s = call_timeout_s
+        self.ready_timeout_s = ready_timeout_s
         self._workers: list[ray.actor.ActorHandle] = []
 
         pool.ready(timeout_s=ready_timeout_s)
@@ -249,9 +253,17 @@ class WorkerGroup:
                     runtime_env={"env_vars": env},
                 )
                 self._workers.append(self._spawn(remote_cls, options, init_kwargs or {}))
-            self.get(
-                [w.__ray_ready__.remote() for w in self._workers], "__init__", timeout_s=ready_timeout_s
-            )
+        except BaseException:
+            self.shutdown(remove_pool=False)
+            raise
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until every worker's constructor has returned (``ready_timeout_s`` at most);
+        a constructor that raised kills the group and raises ``WorkerDiedError``."""
+        try:
+            self.get([w.__ray_ready__.remote() for w in self._workers], "__init__", timeout_s=self.ready_timeout_s)
         except BaseException:
             self.shutdown(remove_pool=False)
             raise

@@ -34,7 +34,7 @@ from rlflow.distributed.worker_group import WorkerGroup
 from rlflow.errors import ConfigError
 from rlflow.models.loading import load_tokenizer
 from rlflow.trainer.config_checks import check_config
-from rlflow.trainer.startup import build_pool, init_ray_from_config, log_workers, prepare_output_dir
+from rlflow.trainer.startup import build_pool, init_ray_from_config, log_workers, prepare_output_dir, wait_ready
 from rlflow.trainer.tracking import MetricsLog, PhaseTimer
 from rlflow.workers.dpo_policy import DPOPolicyWorker
 
@@ -95,7 +95,10 @@ class DPOTrainer:
             ("ref", cfg.ref, {"role": "ref"}),
         ):
             pool = build_pool(role, role_cfg)
-            self.groups[role] = WorkerGroup(DPOPolicyWorker, role, pool, init_kwargs={"config": plain, **kwargs})
+            self.groups[role] = WorkerGroup(
+                DPOPolicyWorker, role, pool, init_kwargs={"config": plain, **kwargs}, wait=False
+            )
+        wait_ready(self.groups)
 
     def _collate(self, indices: list[int], dataset: PreferenceDataset) -> BatchedDataDict:
         return collate_preference([dataset[i] for i in indices], dataset.pad_token_id)

@@ -40,7 +40,7 @@ from rlflow.models.loading import load_tokenizer
 from rlflow.distributed.worker_group import WorkerDiedError
 from rlflow.trainer import checkpoint as ckpt
 from rlflow.trainer.config_checks import check_config
-from rlflow.trainer.startup import build_pool, init_ray_from_config, log_workers, prepare_output_dir
+from rlflow.trainer.startup import build_pool, init_ray_from_config, log_workers, prepare_output_dir, wait_ready
 from rlflow.trainer.trackers import build_trackers
 from rlflow.trainer.tracking import MetricsLog, PhaseTimer
 from rlflow.utils.torch_functional import masked_mean
@@ -51,6 +51,24 @@ from rlflow.workers.rollout import rollout_worker_class
 from rlflow.workers.rollout.policy_lag import rollout_logprob_gap
 
 logger = logging.getLogger("rlflow")
+
+# What each worker method reads. A call ships only these keys (a generated batch carries about
+# 27), so no role pays to pickle and copy what it never looks at.
+_SCORED = ("input_ids", "attention_mask", "position_ids", "responses")
+CALL_KEYS = {
+    "generate": ("input_ids", "attention_mask"),
+    "compute_reward": ("responses", "response_mask", "data_source", "reward_model", "extra_info"),
+    "compute_log_prob": _SCORED,
+    "compute_values": _SCORED,
+    "update_policy": _SCORED + ("response_mask", "advantages", "old_log_probs", "ref_log_probs", "returns"),
+    "update_critic": _SCORED + ("response_mask", "values", "returns"),
+}
+
+
+def call_view(method: str, batch: BatchedDataDict) -> BatchedDataDict:
+    """The keys of ``batch`` that ``method`` reads (optional ones only when present)."""
+    return BatchedDataDict({k: batch[k] for k in CALL_KEYS[method] if k in batch})
+
 
 # Seeds of extra dynamic-sampling rounds are offset by this much per round, far from the
 # per-step seeds of round 0.
@@ -189,7 +207,9 @@ class RLTrainer:
         plain = OmegaConf.to_container(cfg, resolve=True)
 
         def group(worker_cls, name: str, role_cfg: Any, **kwargs) -> WorkerGroup:
-            return WorkerGroup(worker_cls, name, build_pool(name, role_cfg), init_kwargs={"config": plain, **kwargs})
+            return WorkerGroup(
+                worker_cls, name, build_pool(name, role_cfg), init_kwargs={"config": plain, **kwargs}, wait=False
+            )
 
         # The actor sits out the critic warm-up, so its LR schedule spans the remaining steps.
         warmup = min(self.total_steps, int(cfg.trainer.critic_warmup)) if self.use_critic else 0
@@ -206,6 +226,7 @@ class RLTrainer:
         self.groups["rollout"] = group(rollout_worker_class(cfg.rollout.backend), "rollout", cfg.rollout)
         reward_kwargs = {"score_fn": self.reward_fn} if self.reward_fn is not None else {}
         self.groups["reward"] = group(RewardWorker, "reward", cfg.reward, **reward_kwargs)
+        wait_ready(self.groups)
 
     # ----------------------------------------------------------------- one step
     def step(self) -> dict[str, Any]:
@@ -234,7 +255,7 @@ class RLTrainer:
 
             if self.use_critic:
                 with timer.phase("values"):
-                    batch["values"] = self.groups["critic"].call_sharded("compute_values", batch)["values"]
+                    batch["values"] = self._call_sharded("critic", "compute_values", batch)["values"]
 
             with timer.phase("adv"):
                 if self.kl_ctrl is not None:
@@ -261,7 +282,7 @@ class RLTrainer:
             if self.use_critic:
                 with timer.phase("update_critic"):
                     rank_metrics = self.groups["critic"].call_sharded_metrics(
-                        "update_critic", self._critic_view(batch),
+                        "update_critic", call_view("update_critic", batch),
                         mini_batch_size=self._per_worker_mini_batch(cfg.critic),
                     )
                     metrics.update(rank_metrics[0])  # reduced over ranks inside the update
@@ -270,7 +291,7 @@ class RLTrainer:
             if not self.use_critic or self.global_step >= int(cfg.trainer.critic_warmup):
                 with timer.phase("update_actor"):
                     rank_metrics = self.groups["actor"].call_sharded_metrics(
-                        "update_policy", self._training_view(batch),
+                        "update_policy", call_view("update_policy", batch),
                         mini_batch_size=self._per_worker_mini_batch(cfg.actor),
                     )
                     metrics.update(rank_metrics[0])  # identical on every rank
@@ -310,11 +331,11 @@ class RLTrainer:
         rows = [self.val_dataset[i] for i in range(len(self.val_dataset))]
         batch = self._collate(rows)
         temperature = float(cfg.rollout.val_temperature)
-        batch.update(self.groups["rollout"].call_sharded(
-            "generate", batch, seed=self.global_step, temperature=temperature,
+        batch.update(self._call_sharded(
+            "rollout", "generate", batch, seed=self.global_step, temperature=temperature,
             do_sample=temperature > 0, expected_weight_version=self.weight_version,
         ))
-        batch.update(self.groups["reward"].call_sharded("compute_reward", batch))
+        batch.update(self._call_sharded("reward", "compute_reward", batch))
         scores = batch["scores"].float()
         out = {"val/reward/mean": scores.mean().item(),
                "val/response_length/mean": batch["response_mask"].sum(-1).float().mean().item()}
@@ -386,15 +407,15 @@ class RLTrainer:
             batch = prompts.repeat_interleave(int(cfg.rollout.n))
 
         with timer.phase("gen"):
-            generated = self.groups["rollout"].call_sharded(
-                "generate", batch,
+            generated = self._call_sharded(
+                "rollout", "generate", batch,
                 seed=self.global_step + round_idx * _ROUND_SEED_STRIDE,
                 expected_weight_version=self.weight_version,
             )
             batch.update(generated)
 
         with timer.phase("reward"):
-            batch.update(self.groups["reward"].call_sharded("compute_reward", batch))
+            batch.update(self._call_sharded("reward", "compute_reward", batch))
             ob = cfg.reward.overlong_buffer
             if ob.enable:
                 penalty = overlong_penalty(
@@ -468,7 +489,7 @@ class RLTrainer:
         shard = -(-batch.size // wg.world_size)
         # Micro-batches must tile the shard exactly; a filtered batch can have any size.
         micro = largest_divisor_at_most(shard, int(role_cfg.log_prob_micro_batch_size_per_worker))
-        return wg.call_sharded("compute_log_prob", batch, micro_batch_size=micro)["log_probs"]
+        return self._call_sharded(role, "compute_log_prob", batch, micro_batch_size=micro)["log_probs"]
 
     def _needs_old_log_probs(self) -> bool:
         if self.use_kl_in_reward:
@@ -483,16 +504,8 @@ class RLTrainer:
         acfg = self.cfg.actor
         return not (int(acfg.ppo_epochs) == 1 and int(acfg.ppo_mini_batch_size) == int(self.cfg.data.train_batch_size))
 
-    @staticmethod
-    def _training_view(batch: BatchedDataDict) -> BatchedDataDict:
-        keys = ["input_ids", "attention_mask", "position_ids", "responses", "response_mask", "advantages"]
-        keys += [k for k in ("old_log_probs", "ref_log_probs", "returns") if k in batch]
-        return BatchedDataDict({k: batch[k] for k in keys})
-
-    @staticmethod
-    def _critic_view(batch: BatchedDataDict) -> BatchedDataDict:
-        keys = ["input_ids", "attention_mask", "position_ids", "responses", "response_mask", "values", "returns"]
-        return BatchedDataDict({k: batch[k] for k in keys})
+    def _call_sharded(self, role: str, method: str, batch: BatchedDataDict, **kwargs: Any) -> BatchedDataDict:
+        return self.groups[role].call_sharded(method, call_view(method, batch), **kwargs)
 
     def _sync_weights(self) -> None:
         refs = [r for r in self.groups["actor"].call_all("publish_weights") if r is not None]

@@ -61,6 +61,13 @@ def build_pool(name: str, role_cfg: Any) -> ResourcePool:
     )
 
 
+def wait_ready(groups: Mapping[str, WorkerGroup]) -> None:
+    """Wait for groups spawned with ``wait=False``: every role loads its model at once, so
+    start-up costs the slowest role, not the sum of all of them."""
+    for wg in groups.values():
+        wg.wait_ready()
+
+
 def log_workers(groups: Mapping[str, WorkerGroup]) -> None:
     """One line per role naming each worker's rank, process id and node, to the log and the
     console (where a progress bar may be running)."""

@@ -21,7 +21,7 @@ next to the repository root; either the folder holding ``ray.io_rayjobs.yaml`` a
 
 Command line::
 
-    python -m rlflow.deploy.manifest_check docker/kuberay/rayjob.yaml docker/kuberay/raycluster.yaml
+    python tools/manifest_check.py docker/kuberay/rayjob.yaml docker/kuberay/raycluster.yaml
 
 prints one line per error and exits 1 if any manifest is invalid, 2 if a file or the CRDs
 cannot be read, 0 otherwise.
@@ -128,7 +128,7 @@ def default_crd_dir() -> Path:
     env = os.environ.get(CRDS_ENV_VAR, "").strip()
     if env:
         return Path(env).expanduser()
-    repo_root = Path(__file__).resolve().parents[2]
+    repo_root = Path(__file__).resolve().parents[1]
     return repo_root.parent / "shared" / "kuberay-crds"
 
 
@@ -403,7 +403,7 @@ def _parse_version(value: Any) -> Optional[tuple[int, ...]]:
 # ---------------------------------------------------------------------------------- CLI
 def main(argv: Optional[Iterable[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m rlflow.deploy.manifest_check",
+        prog="python tools/manifest_check.py",
         description=f"Validate KubeRay RayJob/RayCluster manifests offline against the KubeRay {KUBERAY_VERSION} CRDs.",
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="manifest YAML files")
