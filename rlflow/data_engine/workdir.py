@@ -12,13 +12,13 @@ import json
 import os
 import re
 import shutil
-import uuid
 from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rlflow.errors import ConfigError
+from rlflow.utils.atomic import atomic_file, write_text
 
 DONE = "_DONE.json"
 SHARD = re.compile(r"^shard_(\d{5})\.parquet$")
@@ -81,14 +81,10 @@ class WorkDir:
 
 
 def _write_json(path: str, data: Any) -> None:
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def write_parquet(rows: list[dict[str, Any]], path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)

@@ -25,10 +25,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from rlflow.utils.atomic import atomic_folder
 
 DEMO_VERSION = "1"
 DEMO_PREFIX = "demo:"
@@ -151,24 +151,13 @@ def _build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     except OSError as exc:
         raise DemoAssetError(
             f"cannot create the demo cache folder {target.parent} ({exc.strerror or exc}); "
             "set RLFLOW_CACHE to a writable folder"
         ) from exc
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process renamed its copy first (rename onto a non-empty folder fails on
-            # POSIX); theirs is complete, so use it. Anything else is a real error.
-            if not target.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    # Several workers may build at once: the first complete copy wins, the others are dropped.
+    atomic_folder(str(target), lambda tmp: build(Path(tmp)))
     return target
 
 

@@ -9,6 +9,8 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from rlflow.utils.atomic import write_text
+
 
 class PhaseTimer:
     """Collects ``timing/<phase>_s`` for one step."""
@@ -65,10 +67,7 @@ class MetricsLog:
         with open(self.path, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
         kept = [r for r in rows if int(r.get("step", 0)) <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.history = kept
 
     @classmethod
