@@ -348,3 +348,18 @@ class RLFlowConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def typed_config(config: Any, schema: type = RLFlowConfig) -> Any:
+    """``config`` as instances of the schema's dataclasses: values have their declared types
+    and keys are attributes, so code reads ``cfg.actor.ppo_epochs`` without casting.
+
+    Accepts the typed object itself (returned as is), a composed ``DictConfig`` or a plain
+    dict (what tests and notebooks build by hand); an unknown key or a value of the wrong
+    type raises like a command-line override would.
+    """
+    if isinstance(config, schema):
+        return config
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), config))

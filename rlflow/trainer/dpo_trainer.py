@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from rlflow.algorithms.losses import dpo_loss
+from rlflow.config.schema import typed_config
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.data.preference_dataset import PreferenceDataset, collate_preference
 from rlflow.data.prompt_batches import PromptBatches
@@ -89,14 +90,14 @@ class DPOTrainer:
 
     def _build_worker_groups(self) -> None:
         cfg = self.cfg
-        plain = OmegaConf.to_container(cfg, resolve=True)
+        typed = typed_config(cfg)
         for role, role_cfg, kwargs in (
             ("actor", cfg.actor, {"role": "actor", "total_steps": self.total_steps}),
             ("ref", cfg.ref, {"role": "ref"}),
         ):
             pool = build_pool(role, role_cfg)
             self.groups[role] = WorkerGroup(
-                DPOPolicyWorker, role, pool, init_kwargs={"config": plain, **kwargs}, wait=False
+                DPOPolicyWorker, role, pool, init_kwargs={"config": typed, **kwargs}, wait=False
             )
         wait_ready(self.groups)
 

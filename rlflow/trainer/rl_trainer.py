@@ -35,6 +35,7 @@ from rlflow.data.custom_loading import build_custom_dataset, resolve_packer
 from rlflow.data.rlhf_dataset import RLHFDataset, collate_fn
 from rlflow.demo.assets import resolve_demo_path
 from rlflow.distributed.worker_group import WorkerGroup
+from rlflow.config.schema import typed_config
 from rlflow.errors import ConfigError
 from rlflow.models.loading import load_tokenizer
 from rlflow.distributed.worker_group import WorkerDiedError
@@ -204,11 +205,12 @@ class RLTrainer:
 
     def _build_worker_groups(self) -> None:
         cfg = self.cfg
-        plain = OmegaConf.to_container(cfg, resolve=True)
+        # Workers get the schema's dataclasses: typed values, no re-parsing on their side.
+        typed = typed_config(cfg)
 
         def group(worker_cls, name: str, role_cfg: Any, **kwargs) -> WorkerGroup:
             return WorkerGroup(
-                worker_cls, name, build_pool(name, role_cfg), init_kwargs={"config": plain, **kwargs}, wait=False
+                worker_cls, name, build_pool(name, role_cfg), init_kwargs={"config": typed, **kwargs}, wait=False
             )
 
         # The actor sits out the critic warm-up, so its LR schedule spans the remaining steps.

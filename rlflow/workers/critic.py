@@ -25,9 +25,9 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 from transformers import AutoModel
 
+from rlflow.config.schema import typed_config
 from rlflow.algorithms.losses import value_loss_clipped
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.models.loading import resolve_model_path, torch_dtype
@@ -83,7 +83,7 @@ def load_value_model(model_cfg: Any, path: str, device: torch.device | str = "cp
 class CriticWorker(Worker):
     def __init__(self, config: dict, total_steps: int = 1) -> None:
         super().__init__()
-        self.cfg = OmegaConf.create(config)
+        self.cfg = typed_config(config)
         ccfg = self.cfg.critic
         torch.set_num_threads(max(1, int(ccfg.torch_threads)))
         self.init_distributed()

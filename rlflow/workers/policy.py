@@ -21,8 +21,8 @@ from typing import Any, Optional
 import ray
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
+from rlflow.config.schema import typed_config
 from rlflow.algorithms.losses import (
     aggregate_loss,
     kl_penalty,
@@ -45,7 +45,7 @@ from rlflow.workers.fsdp import clip_and_step, global_token_and_seq_counts, shar
 class PolicyWorker(Worker):
     def __init__(self, config: dict, role: str, total_steps: int = 1) -> None:
         super().__init__()
-        self.cfg = OmegaConf.create(config)
+        self.cfg = typed_config(config)
         self.role = role
         self.trainable = role == "actor"
         role_cfg = self.cfg.actor if self.trainable else self.cfg.ref

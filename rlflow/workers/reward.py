@@ -11,8 +11,8 @@ import logging
 from typing import Any, Callable, Optional
 
 import torch
-from omegaconf import OmegaConf
 
+from rlflow.config.schema import typed_config
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.models.loading import load_tokenizer
 from rlflow.data.custom_loading import load_object
@@ -30,13 +30,13 @@ class RewardWorker(Worker):
         """``score_fn``: a Python callable passed from the driver (it travels pickled); else
         ``reward.fns`` (several, weighted), ``reward.custom_fn`` or the built-in registry."""
         super().__init__()
-        self.cfg = OmegaConf.create(config)
+        self.cfg = typed_config(config)
         self.tokenizer = load_tokenizer(self.cfg.model)
         rcfg = self.cfg.reward
         if score_fn is not None:
             self.score_fn: ScoreFn = score_fn
         elif rcfg.fns:
-            self.score_fn = build_reward_fn(OmegaConf.to_container(rcfg.fns))
+            self.score_fn = build_reward_fn(list(rcfg.fns))
         elif rcfg.custom_fn.path:
             self.score_fn = load_object(rcfg.custom_fn.path, rcfg.custom_fn.name)
         else:

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from rlflow.config.schema import typed_config
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.models.loading import resolve_model_path, torch_dtype
 from rlflow.workers.base import Worker
@@ -21,7 +21,7 @@ from rlflow.workers.base import Worker
 class RewardModelWorker(Worker):
     def __init__(self, config: dict, model_path: str, micro_batch_size: int = 32) -> None:
         super().__init__()
-        self.cfg = OmegaConf.create(config)
+        self.cfg = typed_config(config)
         path = resolve_model_path(model_path)
         trust = bool(self.cfg.model.trust_remote_code)
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)

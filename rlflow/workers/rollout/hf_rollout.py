@@ -12,9 +12,9 @@ from typing import Optional
 
 import ray
 import torch
-from omegaconf import OmegaConf
 from transformers import GenerationConfig
 
+from rlflow.config.schema import typed_config
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.models.loading import load_causal_lm, load_tokenizer
 from rlflow.utils.torch_functional import compute_position_ids, get_response_mask
@@ -26,7 +26,7 @@ from rlflow.workers.rollout.sampling import SamplingSettings, hf_generation_kwar
 class HFRolloutWorker(Worker):
     def __init__(self, config: dict) -> None:
         super().__init__()
-        self.cfg = OmegaConf.create(config)
+        self.cfg = typed_config(config)
         torch.set_num_threads(max(1, int(self.cfg.rollout.torch_threads)))
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.tokenizer = load_tokenizer(self.cfg.model)

@@ -26,8 +26,8 @@ import os
 from typing import Any, Optional
 
 import torch
-from omegaconf import OmegaConf
 
+from rlflow.config.schema import typed_config
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.errors import ConfigError
 from rlflow.models.loading import load_tokenizer, resolve_model_path
@@ -139,7 +139,7 @@ def _set_engine_env(weight_sync: str, on_gpu: bool) -> None:
 class VLLMRolloutWorker(Worker):
     def __init__(self, config: dict) -> None:
         super().__init__()
-        self.cfg = OmegaConf.create(config)
+        self.cfg = typed_config(config)
         check_vllm_rollout_config(self.cfg)
         rcfg = self.cfg.rollout
         self.on_gpu = torch.cuda.is_available()
@@ -190,7 +190,7 @@ class VLLMRolloutWorker(Worker):
         else:
             # An explicit size: the CPU default reserves a fraction of the whole machine's RAM.
             engine_kwargs["kv_cache_memory_bytes"] = int(float(rcfg.cpu_kv_cache_gib) * 2**30)
-        engine_kwargs.update(OmegaConf.to_container(rcfg.engine_kwargs, resolve=True))
+        engine_kwargs.update(rcfg.engine_kwargs)
         self.llm = LLM(**engine_kwargs)
         if self.weight_sync == "object_store":
             self.llm.init_weight_transfer_engine({"init_info": {}})
