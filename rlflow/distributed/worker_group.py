@@ -26,6 +26,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from rlflow.data.batch_sizes import padding_indices, shard_bounds
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.distributed.ray_cluster import worker_env_vars
 from rlflow.distributed.resource_pool import ResourcePool
@@ -85,23 +86,6 @@ def _summarise(err: BaseException) -> str:
         if found:
             return "its constructor raised " + _first_line(found[-1])
     return _first_line(text)
-
-
-def _padding_indices(size: int, pad: int) -> list[int]:
-    """Indices of the samples copied to pad a batch of ``size`` by ``pad`` rows: the last
-    ``pad`` samples in order (cycling when ``pad > size``)."""
-    return [(size - pad + i) % size for i in range(pad)]
-
-
-def _shard_bounds(size: int, shards: int) -> list[tuple[int, int]]:
-    """Contiguous ``[start, end)`` ranges; the first ``size % shards`` ranges are one longer."""
-    base, extra = divmod(size, shards)
-    bounds, start = [], 0
-    for rank in range(shards):
-        end = start + base + (1 if rank < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
 
 
 class ShardedCall:
@@ -429,8 +413,8 @@ class WorkerGroup:
             raise ValueError(f"call_sharded({method!r}) got an empty batch for role {self.role!r}")
         world = self.world_size
         num_padded = (-size) % world if pad_to_divisible else 0
-        rows = list(range(size)) + _padding_indices(size, num_padded)
-        bounds = _shard_bounds(len(rows), world)
+        rows = list(range(size)) + padding_indices(size, num_padded)
+        bounds = shard_bounds(len(rows), world)
         # select_indices copies each shard into its own storage; a slice would be a view,
         # and pickling a view ships the whole underlying batch to every rank.
         refs = [

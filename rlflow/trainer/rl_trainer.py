@@ -4,9 +4,13 @@ The driver owns no model. Each step it moves one BatchedDataDict through the wor
 
     prompts -> rollout.generate -> reward.compute_reward (+ overlong shaping)
             [-> keep groups with reward spread; generate again until the batch is full]
-            -> actor.compute_log_prob (old) -> ref.compute_log_prob -> critic.compute_values
+            -> actor.compute_log_prob (old) | ref.compute_log_prob | critic.compute_values
             -> KL penalty in the reward -> advantages (here) -> critic.update_critic
             -> actor.update_policy -> weight sync actor -> rollout -> metrics
+
+Calls on different roles that do not need each other's results run at the same time: the
+log-probs and values (``|``) start as soon as the responses exist, while the reward workers
+are still scoring them.
 
 Optional pieces switch on by config: the ref group when a KL term is on
 (``actor.use_kl_loss`` or ``algorithm.use_kl_in_reward``), the critic group for
@@ -29,12 +33,18 @@ from tqdm.auto import tqdm
 from rlflow.algorithms.advantages import compute_advantages
 from rlflow.algorithms.kl_control import apply_kl_in_reward, build_kl_controller
 from rlflow.algorithms.reward_shaping import add_sequence_reward, overlong_penalty, varied_group_indices
+from rlflow.data.batch_sizes import (
+    largest_divisor_at_most,
+    mini_batch_per_worker,
+    optimizer_steps,
+    splittable_group_count,
+)
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.data.prompt_batches import PromptBatches
 from rlflow.data.custom_loading import build_custom_dataset, resolve_packer
 from rlflow.data.rlhf_dataset import RLHFDataset, collate_fn
 from rlflow.demo.assets import resolve_demo_path
-from rlflow.distributed.worker_group import WorkerGroup
+from rlflow.distributed.worker_group import ShardedCall, WorkerGroup
 from rlflow.config.schema import typed_config
 from rlflow.errors import ConfigError
 from rlflow.models.loading import load_tokenizer
@@ -74,35 +84,6 @@ def call_view(method: str, batch: BatchedDataDict) -> BatchedDataDict:
 # Seeds of extra dynamic-sampling rounds are offset by this much per round, far from the
 # per-step seeds of round 0.
 _ROUND_SEED_STRIDE = 1_000_003
-
-
-def largest_divisor_at_most(n: int, cap: int) -> int:
-    """The largest divisor of ``n`` that is ``<= cap`` (at least 1)."""
-    for d in range(max(1, min(n, cap)), 0, -1):
-        if n % d == 0:
-            return d
-    return 1
-
-
-def splittable_group_count(available: int, group_size: int, roles: list[tuple[int, int, int]]) -> int:
-    """Largest ``k <= available`` such that ``k * group_size`` responses can be trained by every
-    role in ``roles``, each given as ``(num_workers, mini_batch_per_worker,
-    micro_batch_per_worker)``: equal shards per rank, and mini-batches (the last one may be
-    shorter) that each split into whole micro-batches of ``min(micro, mini-batch)`` rows.
-    0 when no ``k >= 1`` works."""
-    for k in range(available, 0, -1):
-        responses = k * group_size
-        if all(_splittable(responses, *shape) for shape in roles):
-            return k
-    return 0
-
-
-def _splittable(responses: int, workers: int, mini: int, micro: int) -> bool:
-    if responses % workers:
-        return False
-    per_rank = responses // workers
-    sizes = {min(mini, per_rank), per_rank % mini} - {0}
-    return all(size % min(micro, size) == 0 for size in sizes)
 
 
 class RLTrainer:
@@ -200,8 +181,9 @@ class RLTrainer:
         return self.packer.rollout_collate_fn([self.packer.get_rollout_input(row) for row in rows])
 
     def _optimizer_steps(self, role_cfg: Any, training_steps: int) -> int:
-        per_step = (int(self.cfg.data.train_batch_size) // int(role_cfg.ppo_mini_batch_size)) * int(role_cfg.ppo_epochs)
-        return max(1, training_steps * per_step)
+        return optimizer_steps(
+            self.cfg.data.train_batch_size, role_cfg.ppo_mini_batch_size, role_cfg.ppo_epochs, training_steps
+        )
 
     def _build_worker_groups(self) -> None:
         cfg = self.cfg
@@ -238,26 +220,34 @@ class RLTrainer:
         step_start = time.perf_counter()
         metrics: dict[str, Any] = {"step": self.global_step + 1, "epoch": self.batches.epoch}
 
-        # Rollouts with their scores; with dynamic sampling, only groups whose rewards differ.
-        batch, sampled = self._collect_batch(timer, metrics)
+        # Rollouts; with dynamic sampling only the groups whose rewards differ, scored already.
+        # Otherwise their scoring is still running (`scoring`) while the next calls start.
+        batch, sampled, scoring = self._collect_batch(timer, metrics)
 
         if batch is not None:
-            if self._needs_old_log_probs():
+            # Old and reference log-probs and values need no rewards: their workers start now.
+            old = self._start_log_probs("actor", batch) if self._needs_old_log_probs() else None
+            ref = self._start_log_probs("ref", batch) if self.use_ref else None
+            values = self._start_call("critic", "compute_values", batch) if self.use_critic else None
+            if scoring is not None:
+                self._finish_scoring(timer, batch, scoring)
+
+            if old is not None:
                 with timer.phase("old_log_prob"):
-                    batch["old_log_probs"] = self._log_probs("actor", batch)
+                    batch["old_log_probs"] = old.result()["log_probs"]
                 if "rollout_log_probs" in batch:
                     # How far the rollout engine's numbers drift from the trainer's.
                     metrics.update(rollout_logprob_gap(
                         batch["rollout_log_probs"], batch["old_log_probs"], batch["response_mask"]
                     ))
 
-            if self.use_ref:
+            if ref is not None:
                 with timer.phase("ref"):
-                    batch["ref_log_probs"] = self._log_probs("ref", batch)
+                    batch["ref_log_probs"] = ref.result()["log_probs"]
 
-            if self.use_critic:
+            if values is not None:
                 with timer.phase("values"):
-                    batch["values"] = self._call_sharded("critic", "compute_values", batch)["values"]
+                    batch["values"] = values.result()["values"]
 
             with timer.phase("adv"):
                 if self.kl_ctrl is not None:
@@ -399,8 +389,9 @@ class RLTrainer:
         rows = [self.train_dataset[i] for i in self.batches.next_indices()]
         return self._collate(rows)
 
-    def _generate_and_score(self, timer: PhaseTimer, round_idx: int) -> BatchedDataDict:
-        """One generation round: the next prompt batch, ``rollout.n`` responses each, scored."""
+    def _generate(self, timer: PhaseTimer, round_idx: int) -> tuple[BatchedDataDict, ShardedCall]:
+        """One generation round: the next prompt batch, ``rollout.n`` responses each, and the
+        reward workers' scoring of them, started but not awaited (see ``_finish_scoring``)."""
         cfg = self.cfg
         with timer.phase("data"):
             prompts = self._next_prompts()
@@ -415,9 +406,13 @@ class RLTrainer:
                 expected_weight_version=self.weight_version,
             )
             batch.update(generated)
+        return batch, self._start_call("reward", "compute_reward", batch)
 
+    def _finish_scoring(self, timer: PhaseTimer, batch: BatchedDataDict, scoring: ShardedCall) -> None:
+        """Wait for the scores of ``batch`` and add them (with overlong shaping) in place."""
+        cfg = self.cfg
         with timer.phase("reward"):
-            batch.update(self._call_sharded("reward", "compute_reward", batch))
+            batch.update(scoring.result())
             ob = cfg.reward.overlong_buffer
             if ob.enable:
                 penalty = overlong_penalty(
@@ -428,12 +423,12 @@ class RLTrainer:
                     batch["token_level_scores"], batch["response_mask"], penalty
                 )
                 batch["overlong_penalty"] = penalty
-        return batch
 
     def _collect_batch(
         self, timer: PhaseTimer, metrics: dict[str, Any]
-    ) -> tuple[Optional[BatchedDataDict], BatchedDataDict]:
-        """Returns ``(training batch or None, every response sampled this step)``.
+    ) -> tuple[Optional[BatchedDataDict], BatchedDataDict, Optional[ShardedCall]]:
+        """Returns ``(training batch or None, every response sampled this step, its scoring
+        still in flight or None when the batch is scored)``.
 
         Without dynamic sampling both are the one generated batch. With it, each round keeps
         the groups whose ``filter_groups.metric`` varies; rounds continue with new prompts
@@ -444,8 +439,8 @@ class RLTrainer:
         cfg = self.cfg
         fcfg = cfg.algorithm.filter_groups
         if not fcfg.enable:
-            batch = self._generate_and_score(timer, round_idx=0)
-            return batch, batch
+            batch, scoring = self._generate(timer, round_idx=0)
+            return batch, batch, scoring
 
         n = int(cfg.rollout.n)
         target = int(cfg.data.train_batch_size)
@@ -453,7 +448,8 @@ class RLTrainer:
         kept: list[BatchedDataDict] = []
         num_kept = 0
         while num_kept < target and len(rounds) < int(fcfg.max_num_gen_batches):
-            batch = self._generate_and_score(timer, round_idx=len(rounds))
+            batch, scoring = self._generate(timer, round_idx=len(rounds))
+            self._finish_scoring(timer, batch, scoring)
             rounds.append(batch)
             signal = batch["scores"] if fcfg.metric == "score" else batch["token_level_scores"].sum(-1)
             rows = varied_group_indices(batch["uid"], signal)
@@ -468,9 +464,9 @@ class RLTrainer:
         metrics["filter_groups/kept_ratio"] = num_kept / float(len(rounds) * target)
         sampled = BatchedDataDict.from_batches(rounds)
         if num_groups == 0:
-            return None, sampled
+            return None, sampled, None
         merged = BatchedDataDict.from_batches(kept)
-        return merged.select_indices(list(range(num_groups * n))), sampled
+        return merged.select_indices(list(range(num_groups * n))), sampled, None
 
     def _trainable_group_count(self, available: int) -> int:
         """How many of ``available`` kept groups the trained roles can split evenly."""
@@ -483,15 +479,15 @@ class RLTrainer:
 
     # ----------------------------------------------------------------- helpers
     def _per_worker_mini_batch(self, role_cfg: Any) -> int:
-        return int(role_cfg.ppo_mini_batch_size) * int(self.cfg.rollout.n) // int(role_cfg.num_workers)
+        return mini_batch_per_worker(role_cfg.ppo_mini_batch_size, self.cfg.rollout.n, role_cfg.num_workers)
 
-    def _log_probs(self, role: str, batch: BatchedDataDict) -> torch.Tensor:
+    def _start_log_probs(self, role: str, batch: BatchedDataDict) -> ShardedCall:
         wg = self.groups[role]
         role_cfg = self.cfg.actor if role == "actor" else self.cfg.ref
         shard = -(-batch.size // wg.world_size)
         # Micro-batches must tile the shard exactly; a filtered batch can have any size.
         micro = largest_divisor_at_most(shard, int(role_cfg.log_prob_micro_batch_size_per_worker))
-        return self._call_sharded(role, "compute_log_prob", batch, micro_batch_size=micro)["log_probs"]
+        return self._start_call(role, "compute_log_prob", batch, micro_batch_size=micro)
 
     def _needs_old_log_probs(self) -> bool:
         if self.use_kl_in_reward:
@@ -506,8 +502,11 @@ class RLTrainer:
         acfg = self.cfg.actor
         return not (int(acfg.ppo_epochs) == 1 and int(acfg.ppo_mini_batch_size) == int(self.cfg.data.train_batch_size))
 
+    def _start_call(self, role: str, method: str, batch: BatchedDataDict, **kwargs: Any) -> ShardedCall:
+        return self.groups[role].call_sharded_async(method, call_view(method, batch), **kwargs)
+
     def _call_sharded(self, role: str, method: str, batch: BatchedDataDict, **kwargs: Any) -> BatchedDataDict:
-        return self.groups[role].call_sharded(method, call_view(method, batch), **kwargs)
+        return self._start_call(role, method, batch, **kwargs).result()
 
     def _sync_weights(self) -> None:
         refs = [r for r in self.groups["actor"].call_all("publish_weights") if r is not None]

@@ -29,6 +29,7 @@ from rlflow.algorithms.losses import (
     policy_loss_clipped,
     policy_loss_gspo,
 )
+from rlflow.data.batch_sizes import balanced_halves, round_up, split_to_count
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.models.loading import load_causal_lm
 from rlflow.models.packing import (
@@ -128,7 +129,7 @@ class PolicyWorker(Worker):
     ) -> list[list[int]]:
         rcfg = self._role_cfg()
         cap = int(rcfg.max_tokens_per_microbatch)
-        longest = _round_up(max(max(lengths), 1), round_to)
+        longest = round_up(max(max(lengths), 1), round_to)
         if longest > cap:
             raise ValueError(
                 f"{self.role}.max_tokens_per_microbatch={cap} is below the longest sequence in the "
@@ -353,39 +354,22 @@ class PolicyWorker(Worker):
 
 
 # --------------------------------------------------------------------- planning helpers
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
 def _step_cost(rows: list[int], lengths: list[int], layout: str, round_to: int) -> int:
     """Tokens one micro-batch computes: rows x rounded longest (unpadded), the sum (packed),
     or just the row count for fixed-size padded micro-batches (all rows are equally wide)."""
     if layout == "padded":
         return len(rows)
     if layout == "unpadded":
-        return len(rows) * _round_up(max((lengths[i] for i in rows), default=0), round_to)
+        return len(rows) * round_up(max((lengths[i] for i in rows), default=0), round_to)
     return sum(lengths[i] for i in rows)
 
 
 def _split_to_count(
     groups: list[list[int]], count: int, lengths: list[int], layout: str, round_to: int
 ) -> list[list[int]]:
-    """Grow ``groups`` to ``count`` steps: halve the costliest multi-row step (its halves never
-    exceed its cost, so the token cap still holds), and append empty steps once every step
-    holds a single row."""
-    groups = [list(g) for g in groups]
-    while len(groups) < count:
-        splittable = [k for k, g in enumerate(groups) if len(g) >= 2]
-        if not splittable:
-            groups.append([])
-            continue
-        k = max(splittable, key=lambda k: (_step_cost(groups[k], lengths, layout, round_to), -k))
-        halves: list[list[int]] = [[], []]
-        loads = [0, 0]
-        # longest first, each to the lighter half: balanced token loads
-        for i in sorted(groups[k], key=lambda i: (-lengths[i], i)):
-            h = 0 if loads[0] <= loads[1] else 1
-            halves[h].append(i)
-            loads[h] += lengths[i]
-        groups[k : k + 1] = [sorted(halves[0]), sorted(halves[1])]
-    return groups
+    """Grow ``groups`` to ``count`` steps, halving the costliest into token-balanced halves."""
+    return split_to_count(
+        groups, count,
+        cost=lambda rows: _step_cost(rows, lengths, layout, round_to),
+        halve=lambda rows: balanced_halves(rows, lengths.__getitem__),
+    )

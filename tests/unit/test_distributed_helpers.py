@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from rlflow.distributed.ray_cluster import _probe_target, _with_worker_env, ensure_auth_mode
 from rlflow.distributed.resource_pool import ResourcePool
-from rlflow.distributed.worker_group import _padding_indices, _shard_bounds
+from rlflow.data.batch_sizes import padding_indices, shard_bounds
 from rlflow.errors import ClusterError
 from rlflow.workers.base import Worker
 
@@ -23,21 +23,21 @@ from rlflow.workers.base import Worker
 
 
 def test_padding_copies_last_samples():
-    assert _padding_indices(5, 1) == [4]
-    assert _padding_indices(5, 3) == [2, 3, 4]
+    assert padding_indices(5, 1) == [4]
+    assert padding_indices(5, 3) == [2, 3, 4]
     # more padding than samples: cycle through the batch
-    assert _padding_indices(2, 3) == [1, 0, 1]
-    assert _padding_indices(1, 3) == [0, 0, 0]
+    assert padding_indices(2, 3) == [1, 0, 1]
+    assert padding_indices(1, 3) == [0, 0, 0]
 
 
 def test_shard_bounds_are_contiguous_and_cover_the_batch():
-    assert _shard_bounds(6, 2) == [(0, 3), (3, 6)]
-    assert _shard_bounds(5, 2) == [(0, 3), (3, 5)]
-    assert _shard_bounds(5, 4) == [(0, 2), (2, 3), (3, 4), (4, 5)]
-    assert _shard_bounds(2, 3) == [(0, 1), (1, 2), (2, 2)]
+    assert shard_bounds(6, 2) == [(0, 3), (3, 6)]
+    assert shard_bounds(5, 2) == [(0, 3), (3, 5)]
+    assert shard_bounds(5, 4) == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    assert shard_bounds(2, 3) == [(0, 1), (1, 2), (2, 2)]
     for size in range(1, 12):
         for shards in range(1, 5):
-            bounds = _shard_bounds(size, shards)
+            bounds = shard_bounds(size, shards)
             lengths = [e - s for s, e in bounds]
             assert bounds[0][0] == 0 and bounds[-1][1] == size
             assert all(bounds[i][1] == bounds[i + 1][0] for i in range(shards - 1))

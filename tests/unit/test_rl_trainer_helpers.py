@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlflow.trainer.rl_trainer import largest_divisor_at_most, splittable_group_count
+from rlflow.data.batch_sizes import largest_divisor_at_most, splittable_group_count
 
 
 def naive_splittable(responses: int, workers: int, mini: int, micro: int) -> bool:
