@@ -133,7 +133,6 @@ class ActorConfig:
     # Ray custom resources per worker; {node_a100: 1} pins the role to nodes that offer node_a100.
     custom_resources: Dict[str, float] = field(default_factory=dict)
     torch_threads: int = 1
-    strategy: str = "fsdp2"
     optim: OptimConfig = field(default_factory=OptimConfig)
     # Mini-batch size in prompts (each contributes rollout.n responses); one optimiser step each.
     ppo_mini_batch_size: int = 32
