@@ -32,7 +32,11 @@ __all__ = [
 ]
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-KL_KINDS = ("k1", "abs", "k2", "mse", "k3", "low_var_kl")
+# verl's names are accepted too: kl = k1, mse = k2, low_var_kl = k3. A trailing "+" (verl's
+# straight-through variant) keeps the estimator's value but takes the gradient of k2, the one
+# estimator whose gradient is unbiased.
+_KL_BASE_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+KL_KINDS = _KL_BASE_KINDS + tuple(f"{kind}+" for kind in _KL_BASE_KINDS)
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 # exp() of a log-ratio beyond this overflows float32 gradients long before it means anything.
@@ -257,11 +261,13 @@ def policy_loss_gspo(
 def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-token estimate of ``KL(policy || ref)`` from sampled-token log-probs.
 
-    * ``k1``: ``logp - ref`` (unbiased, high variance, can be negative).
+    * ``k1`` / ``kl``: ``logp - ref`` (unbiased, high variance, can be negative).
     * ``abs``: ``|logp - ref|``.
     * ``k2`` / ``mse``: ``0.5 * (logp - ref)^2``.
     * ``k3`` / ``low_var_kl``: with ``d = clamp(ref - logp, -20, 20)``,
       ``exp(d) - d - 1`` clamped to ``[-10, 10]`` (non-negative, low variance).
+    * any of these with a trailing ``+`` (e.g. ``k3+``): the same value, with the gradient
+      of ``k2`` (straight-through), as in verl.
 
     Returns a tensor of the inputs' shape; aggregate it with ``aggregate_loss``.
     """
@@ -272,15 +278,21 @@ def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kind: str) ->
             f"kl_penalty: log_prob shape {tuple(log_prob.shape)} != ref_log_prob shape "
             f"{tuple(ref_log_prob.shape)}; they must match"
         )
+    base = kind.rstrip("+")
     diff = log_prob - ref_log_prob
-    if kind == "k1":
-        return diff
-    if kind == "abs":
-        return diff.abs()
-    if kind in ("k2", "mse"):
-        return 0.5 * diff.square()
-    d = torch.clamp(-diff, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-    return torch.clamp(torch.exp(d) - d - 1.0, -_K3_CLAMP, _K3_CLAMP)
+    if base in ("k1", "kl"):
+        value = diff
+    elif base == "abs":
+        value = diff.abs()
+    elif base in ("k2", "mse"):
+        value = 0.5 * diff.square()
+    else:
+        d = torch.clamp(-diff, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+        value = torch.clamp(torch.exp(d) - d - 1.0, -_K3_CLAMP, _K3_CLAMP)
+    if base == kind or base in ("k2", "mse"):
+        return value
+    k2 = 0.5 * diff.square()
+    return k2 - k2.detach() + value.detach()
 
 
 def value_loss_clipped(
@@ -308,9 +320,10 @@ def value_loss_clipped(
     )
     if cliprange_value < 0:
         raise ValueError(f"value_loss_clipped: cliprange_value must be >= 0, got {cliprange_value}")
-    clipped_values = old_values + torch.clamp(
-        values - old_values, -cliprange_value, cliprange_value
-    )
+    # clamp() returns a value inside the range unchanged, so a token counts as clipped only
+    # when the value itself left [old - c, old + c] (old + clamp(v - old) can differ from v by
+    # rounding alone).
+    clipped_values = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
     unclipped_loss = (values - returns).square()
     clipped_loss = (clipped_values - returns).square()
     loss_mat = 0.5 * torch.maximum(unclipped_loss, clipped_loss)

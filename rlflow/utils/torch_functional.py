@@ -10,7 +10,6 @@ Conventions used throughout:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -60,8 +59,8 @@ def postprocess_data(
             or on the right.
         truncation: what to do when ``L > max_length``: ``"left"`` keeps the last
             ``max_length`` tokens, ``"right"`` keeps the first ``max_length``,
-            ``"middle"`` keeps the first ``ceil(max_length / 2)`` and the last
-            ``floor(max_length / 2)``, ``"error"`` raises ``ValueError``.
+            ``"middle"`` keeps the first ``floor(max_length / 2)`` and the last
+            ``ceil(max_length / 2)`` (as verl does), ``"error"`` raises ``ValueError``.
 
     Returns:
         ``(input_ids, attention_mask)`` with ``L == max_length`` and the input rank.
@@ -113,7 +112,7 @@ def postprocess_data(
             input_ids = input_ids[:, :max_length]
             attention_mask = attention_mask[:, :max_length]
         else:  # middle
-            head = math.ceil(max_length / 2)
+            head = max_length // 2
             tail = max_length - head
             keep = torch.cat([torch.arange(head), torch.arange(length - tail, length)]).to(
                 input_ids.device

@@ -278,6 +278,21 @@ def test_k3_clamp():
     assert out[1].item() == 10.0
 
 
+def test_verl_kl_names_and_straight_through_variants():
+    logp = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
+    ref = torch.tensor([-1.5, -1.0, -0.5])
+    d = [0.5, -1.0, 0.0]
+    torch.testing.assert_close(kl_penalty(logp, ref, "kl"), torch.tensor(d))  # verl's default
+    for kind, value in (("kl+", d), ("k3+", [math.exp(-x) + x - 1 for x in d]), ("abs+", [abs(x) for x in d])):
+        out = kl_penalty(logp, ref, kind)
+        torch.testing.assert_close(out.detach(), torch.tensor(value))
+        (grad,) = torch.autograd.grad(out.sum(), logp)
+        # the gradient of k2 = 0.5 * d^2 with respect to logp is d
+        torch.testing.assert_close(grad, torch.tensor(d))
+    (grad,) = torch.autograd.grad(kl_penalty(logp, ref, "mse+").sum(), logp)
+    torch.testing.assert_close(grad, torch.tensor(d))
+
+
 def test_kl_unknown_kind():
     with pytest.raises(ValueError, match="k1.*k3"):
         kl_penalty(torch.zeros(1), torch.zeros(1), "k4")
@@ -303,6 +318,18 @@ def test_value_loss_clip():
     torch.testing.assert_close(
         values.grad, torch.tensor([[0.0, 0.5 * 2 * (0 - 1) / 3, 0.5 * 2 * 2 / 3, 0.0]])
     )
+
+
+def test_value_clip_fraction_ignores_rounding_of_in_range_values():
+    # In float32, old + (v - old) is not v here; v is far inside the clip range, so no token is
+    # clipped, although the rounded value's loss is a little larger.
+    values = torch.tensor([[-3.457080602645874, 0.25]])
+    old = torch.tensor([[1.9837732315063477, 0.0]])
+    assert (old + (values - old))[0, 0] != values[0, 0]
+    returns = torch.zeros(1, 2)
+    loss, m = value_loss_clipped(values, old, returns, torch.ones(1, 2), cliprange_value=100.0)
+    assert m["vf_clipfrac"] == 0.0
+    assert loss.item() == pytest.approx(0.5 * (3.457080602645874**2 + 0.25**2) / 2, rel=1e-6)
 
 
 # ---------------------------------------------------------------- DPO

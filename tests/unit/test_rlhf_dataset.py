@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -93,7 +92,7 @@ def test_truncation_modes_apply_to_raw_prompt_ids(tmp_path, tokenizer, mode):
         path, tokenizer, max_prompt_length=max_len, truncation=mode, filter_overlong_prompts=False
     )
     assert ds.num_dropped == 0
-    head = math.ceil(max_len / 2)
+    head = max_len // 2  # verl: floor(n/2) head tokens, ceil(n/2) tail tokens
     expected = {
         "left": full[-max_len:],
         "right": full[:max_len],

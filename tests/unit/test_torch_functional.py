@@ -75,19 +75,19 @@ def test_truncation_modes_even(mode, expected):
     assert out_mask.tolist() == [[1, 1, 1, 1]]
 
 
-def test_middle_truncation_odd_keeps_ceil_head_floor_tail():
+def test_middle_truncation_odd_keeps_floor_head_ceil_tail_like_verl():
     ids = _ids([[1, 2, 3, 4, 5, 6, 7]])
     mask = _ids([[0, 1, 1, 1, 1, 1, 1]])
     out_ids, out_mask = postprocess_data(ids, mask, 5, PAD, truncation="middle")
-    # ceil(5/2) = 3 from the front, floor(5/2) = 2 from the back
-    assert out_ids.tolist() == [[1, 2, 3, 6, 7]]
+    # floor(5/2) = 2 from the front, ceil(5/2) = 3 from the back
+    assert out_ids.tolist() == [[1, 2, 5, 6, 7]]
     assert out_mask.tolist() == [[0, 1, 1, 1, 1]]
 
 
 def test_middle_truncation_max_length_one():
     ids = _ids([[1, 2, 3]])
     out_ids, _ = postprocess_data(ids, torch.ones_like(ids), 1, PAD, truncation="middle")
-    assert out_ids.tolist() == [[1]]
+    assert out_ids.tolist() == [[3]]  # no head token, one tail token
 
 
 def test_truncation_error_message_names_lengths_and_options():
