@@ -157,8 +157,9 @@ class ActorConfig:
     # of padded rows. use_dynamic_bsz: micro-batches of similar-length rows with at most
     # max_tokens_per_microbatch tokens (rows x longest length rounded up to
     # sequence_length_round). use_sequence_packing: rows bin-packed under the same cap, each
-    # bin run as one row with no padding (packing_algorithm: first_fit_decreasing or
-    # best_fit_decreasing). At most one of the two; the cap is per worker and per forward pass.
+    # bin run as one row with no padding (packing_algorithm: NeMo-RL's
+    # modified_first_fit_decreasing, first_fit_decreasing, first_fit_shuffle, concatenative,
+    # or best_fit_decreasing). At most one of the two; the cap is per worker and per forward pass.
     use_dynamic_bsz: bool = False
     use_sequence_packing: bool = False
     max_tokens_per_microbatch: int = 4096

@@ -26,6 +26,7 @@ each shard, so they travel with it through pickling (Ray object store):
 from __future__ import annotations
 
 import math
+import random
 from collections import UserDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from copy import deepcopy
@@ -59,11 +60,14 @@ class SequencePackingArgs(TypedDict, total=False):
     """Options for sequence packing in ``shard_by_batch_size``.
 
     Required: ``max_tokens_per_microbatch`` (bin capacity in tokens), ``input_key``,
-    ``input_lengths_key``. Optional: ``algorithm`` (``"first_fit_decreasing"``
-    (default) or ``"best_fit_decreasing"``), ``sequence_length_pad_multiple``
-    (default 1; each sequence occupies its length rounded up to this multiple, e.g.
-    ``2 * context_parallel`` for CP/TP alignment), ``micro_batch_order``
-    (``"ascending"`` (default) or ``"descending"`` packed bin size).
+    ``input_lengths_key``. Optional: ``algorithm`` (NeMo-RL's names:
+    ``"modified_first_fit_decreasing"`` (default), ``"first_fit_decreasing"``,
+    ``"first_fit_shuffle"``, ``"concatenative"``; also ``"best_fit_decreasing"``; any
+    case), ``sequence_length_pad_multiple`` (default 1; each sequence occupies its length
+    rounded up to this multiple, e.g. ``2 * context_parallel`` for CP/TP alignment),
+    ``micro_batch_order`` (``"ascending"`` (default) or ``"descending"`` packed bin size;
+    NeMo-RL's spelling ``microbatch_order`` with ``"packer"`` (the packer's own bin order)
+    or ``"largest_first"`` is accepted too).
     """
 
     max_tokens_per_microbatch: int
@@ -72,9 +76,12 @@ class SequencePackingArgs(TypedDict, total=False):
     algorithm: str
     sequence_length_pad_multiple: int
     micro_batch_order: str
+    microbatch_order: str
 
 
-_MICRO_BATCH_ORDERS = ("ascending", "descending")
+# "largest_first" and "packer" are NeMo-RL's values (of its key spelled "microbatch_order").
+_MICRO_BATCH_ORDERS = ("ascending", "descending", "largest_first", "packer")
+_LARGEST_FIRST = ("descending", "largest_first")
 
 
 # ----------------------------------------------------------------------------------
@@ -154,18 +161,7 @@ def _decreasing_order(lengths: Sequence[int]) -> list[int]:
 
 def _pack_first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Longest first, each into the first bin with room; at most 11/9 OPT + 1 bins."""
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in _decreasing_order(lengths):
-        for b, free in enumerate(room):
-            if lengths[i] <= free:
-                bins[b].append(i)
-                room[b] -= lengths[i]
-                break
-        else:
-            bins.append([i])
-            room.append(capacity - lengths[i])
-    return bins
+    return _first_fit(_decreasing_order(lengths), lengths, capacity)
 
 
 def _pack_best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -186,10 +182,91 @@ def _pack_best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[lis
     return bins
 
 
+def _first_fit(order: Sequence[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Items in ``order``, each into the first bin with room."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return bins
+
+
+def _pack_first_fit_shuffle(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First fit in a random order (seeded: every rank and run makes the same plan)."""
+    order = list(range(len(lengths)))
+    random.Random(len(lengths)).shuffle(order)
+    return _first_fit(order, lengths, capacity)
+
+
+def _pack_concatenative(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """In the given order; a new bin whenever the next item does not fit the current one."""
+    bins: list[list[int]] = []
+    free = 0
+    for i, length in enumerate(lengths):
+        if not bins or length > free:
+            bins.append([])
+            free = capacity
+        bins[-1].append(i)
+        free -= length
+    return bins
+
+
+def _pack_modified_first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Johnson and Garey's MFFD (1985), at most 71/60 OPT + 1 bins.
+
+    Items are large (> C/2), medium (> C/3), small (> C/6) or tiny. Each large item opens
+    a bin; going forward, each large bin takes the largest medium item that fits; going
+    backward, each large bin without a medium item takes the smallest small item and the
+    largest small item that fits beside it; going forward again, each large bin is topped up
+    with the largest remaining items that fit; first fit decreasing packs what is left.
+    """
+    order = _decreasing_order(lengths)
+    large = [i for i in order if lengths[i] * 2 > capacity]
+    medium = [i for i in order if capacity < lengths[i] * 3 and lengths[i] * 2 <= capacity]
+    small = [i for i in order if capacity < lengths[i] * 6 and lengths[i] * 3 <= capacity]
+    bins = [[i] for i in large]
+    room = [capacity - lengths[i] for i in large]
+
+    for b in range(len(bins)):
+        fits = [i for i in medium if lengths[i] <= room[b]]
+        if fits:
+            medium.remove(fits[0])
+            bins[b].append(fits[0])
+            room[b] -= lengths[fits[0]]
+    for b in reversed(range(len(bins))):
+        if len(bins[b]) > 1 or len(small) < 2 or lengths[small[-1]] + lengths[small[-2]] > room[b]:
+            continue
+        smallest = small.pop()
+        partner = next(i for i in small if lengths[i] + lengths[smallest] <= room[b])
+        small.remove(partner)
+        bins[b] += [smallest, partner]
+        room[b] -= lengths[smallest] + lengths[partner]
+    placed = {i for members in bins for i in members}
+    rest = [i for i in order if i not in placed]
+    for b in range(len(bins)):
+        while rest and lengths[rest[-1]] <= room[b]:
+            pick = next(i for i in rest if lengths[i] <= room[b])
+            rest.remove(pick)
+            bins[b].append(pick)
+            room[b] -= lengths[pick]
+    return bins + _first_fit(rest, lengths, capacity)
+
+
 _PACKERS: dict[str, Callable[[Sequence[int], int], list[list[int]]]] = {
+    "modified_first_fit_decreasing": _pack_modified_first_fit_decreasing,
     "first_fit_decreasing": _pack_first_fit_decreasing,
+    "first_fit_shuffle": _pack_first_fit_shuffle,
     "best_fit_decreasing": _pack_best_fit_decreasing,
+    "concatenative": _pack_concatenative,
 }
+PACKING_ALGORITHMS = tuple(_PACKERS)
 
 
 def _split_bins_to_multiple(
@@ -289,6 +366,11 @@ def _validated_args(
 ) -> dict[str, Any]:
     if not isinstance(args, Mapping):
         raise TypeError(f"{name} must be a dict, got {type(args).__name__}")
+    args = dict(args)
+    if "microbatch_order" in args:  # NeMo-RL's spelling
+        if "micro_batch_order" in args:
+            raise ValueError(f"{name} has both 'microbatch_order' and 'micro_batch_order'; keep one")
+        args["micro_batch_order"] = args.pop("microbatch_order")
     unknown = sorted(set(args) - set(required) - set(defaults))
     if unknown:
         raise ValueError(
@@ -727,11 +809,12 @@ class BatchedDataDict(UserDict):
                 sequence_packing_args,
                 ("max_tokens_per_microbatch", "input_key", "input_lengths_key"),
                 {
-                    "algorithm": "first_fit_decreasing",
+                    "algorithm": "modified_first_fit_decreasing",
                     "sequence_length_pad_multiple": 1,
                     "micro_batch_order": "ascending",
                 },
             )
+            args["algorithm"] = str(args["algorithm"]).lower()  # NeMo-RL takes any case
             if args["algorithm"] not in _PACKERS:
                 raise ValueError(
                     f"sequence_packing_args['algorithm'] is {args['algorithm']!r}; "
@@ -802,7 +885,7 @@ class BatchedDataDict(UserDict):
     ) -> list[list[tuple]]:
         lengths = self._sharding_lengths("dynamic_batching_args", args)
         cap, step = args["max_tokens_per_microbatch"], args["sequence_length_round"]
-        sign = 1 if args["micro_batch_order"] == "ascending" else -1
+        sign = -1 if args["micro_batch_order"] in _LARGEST_FIRST else 1
         # every sample occupies at least one rounded slot, so a micro-batch never has width 0
         padded = [_round_up(max(n, 1), step) for n in lengths]
         too_long = [p for p in padded if p > cap]
@@ -834,7 +917,7 @@ class BatchedDataDict(UserDict):
         lengths = self._sharding_lengths("sequence_packing_args", args)
         cap, multiple = args["max_tokens_per_microbatch"], args["sequence_length_pad_multiple"]
         packer = _PACKERS[args["algorithm"]]
-        descending = args["micro_batch_order"] == "descending"
+        order = args["micro_batch_order"]
         padded = [_round_up(max(n, 1), multiple) for n in lengths]
         too_long = [p for p in padded if p > cap]
         if too_long:
@@ -851,7 +934,10 @@ class BatchedDataDict(UserDict):
             loads = [sum(local[i] for i in b) for b in bins]
             per_shard = []
             for owned in _deal_bins_to_shards(loads, shards):
-                owned = sorted(owned, key=lambda b: (-loads[b] if descending else loads[b], b))
+                if order == "packer":
+                    owned = sorted(owned)
+                else:
+                    owned = sorted(owned, key=lambda b: (-loads[b] if order in _LARGEST_FIRST else loads[b], b))
                 rows: list[int] = []
                 ranges: list[list[int]] = []
                 for b in owned:

@@ -17,7 +17,6 @@ TRAINER_ALGORITHMS = ("rl", "dpo")
 FILTER_METRICS = ("score", "seq_reward")
 POLICY_LOSSES = ("ppo_clip", "gspo")
 RECOMPUTE_MODES = ("auto", "always", "never")
-PACKING_ALGORITHMS = ("first_fit_decreasing", "best_fit_decreasing")
 TRUNCATION_MODES = ("left", "right", "middle", "error")
 LOGGERS = ("console", "tensorboard", "wandb", "mlflow")
 
@@ -160,7 +159,9 @@ def _check_micro_batching(cfg: DictConfig, role: str) -> None:
         )
     if not (role_cfg.use_dynamic_bsz or role_cfg.use_sequence_packing):
         return
-    _one_of(f"{role}.packing_algorithm", role_cfg.packing_algorithm, PACKING_ALGORITHMS)
+    from rlflow.data.batched_data_dict import PACKING_ALGORITHMS
+
+    _one_of(f"{role}.packing_algorithm", str(role_cfg.packing_algorithm).lower(), PACKING_ALGORITHMS)
     _positive(cfg, f"{role}.max_tokens_per_microbatch", f"{role}.sequence_length_round")
     longest = int(cfg.data.max_prompt_length) + int(cfg.data.max_response_length)
     if role_cfg.use_dynamic_bsz:

@@ -13,7 +13,9 @@ from rlflow.data.batched_data_dict import (
     BatchedDataDict,
     SlicedDataDict,
     _pack_best_fit_decreasing,
+    _pack_concatenative,
     _pack_first_fit_decreasing,
+    _pack_modified_first_fit_decreasing,
 )
 
 
@@ -375,7 +377,49 @@ def test_packers_on_a_hand_checked_input():
     assert _pack_best_fit_decreasing(lengths, 10) == [[4], [1, 2, 0], [3]]
 
 
-@pytest.mark.parametrize("algorithm", ["first_fit_decreasing", "best_fit_decreasing"])
+def test_modified_first_fit_decreasing_fills_the_large_bins_first():
+    # capacity 10: 6 is large (> 5), 5 medium (> 10/3), 3 and the 2s small (> 10/6).
+    lengths = [6, 5, 2, 3, 2, 2]
+    # The 6's bin (4 free) cannot take the 5; having no medium item, it takes the smallest small
+    # item (the last 2, i5) and the largest small one that fits beside it (the 2 of i2). The
+    # rest goes first fit decreasing: 5, 3, 2 in one bin. Two bins; FFD needs three (it puts
+    # the 3 beside the 6 and strands a 2).
+    assert _pack_modified_first_fit_decreasing(lengths, 10) == [[0, 5, 2], [1, 3, 4]]
+    assert _pack_first_fit_decreasing(lengths, 10) == [[0, 3], [1, 2, 4], [5]]
+    # large 8 and 7 open bins; the medium 5 joins the 7; the 4 tops up the 8; the rest, FFD
+    assert _pack_modified_first_fit_decreasing([7, 5, 4, 3, 3, 2, 1, 8], 12) == [[7, 2], [0, 1], [3, 4, 5, 6]]
+    assert _pack_concatenative([4, 5, 2, 6, 1], 10) == [[0, 1], [2, 3, 4]]
+
+
+def test_nemo_rl_packing_names_and_microbatch_order():
+    batch = _seq_batch(12, 24, seed=3)
+    base = {"max_tokens_per_microbatch": 40, "input_key": "input_ids", "input_lengths_key": "len"}
+    default, _ = batch.shard_by_batch_size(2, sequence_packing_args=base)
+    mffd, _ = batch.shard_by_batch_size(
+        2, sequence_packing_args={**base, "algorithm": "MODIFIED_FIRST_FIT_DECREASING"}
+    )
+    assert [p.micro_batch_indices for p in default] == [p.micro_batch_indices for p in mffd]
+    for algorithm in ("first_fit_shuffle", "concatenative"):
+        parts, order = batch.shard_by_batch_size(2, sequence_packing_args={**base, "algorithm": algorithm})
+        assert sorted(order) == list(range(12))
+        assert all(load <= 40 for p in parts for load in p.micro_batch_lengths[0])
+    largest, _ = batch.shard_by_batch_size(2, sequence_packing_args={**base, "microbatch_order": "largest_first"})
+    for p in largest:
+        assert p.micro_batch_lengths[0] == sorted(p.micro_batch_lengths[0], reverse=True)
+    packer, _ = batch.shard_by_batch_size(2, sequence_packing_args={**base, "microbatch_order": "packer"})
+    assert sorted(map(sorted, (p.micro_batch_lengths[0] for p in packer))) == sorted(
+        map(sorted, (p.micro_batch_lengths[0] for p in largest))
+    )
+    with pytest.raises(ValueError, match="microbatch_order"):
+        batch.shard_by_batch_size(
+            2, sequence_packing_args={**base, "microbatch_order": "packer", "micro_batch_order": "ascending"}
+        )
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    ["modified_first_fit_decreasing", "first_fit_decreasing", "first_fit_shuffle", "best_fit_decreasing"],
+)
 @pytest.mark.parametrize(
     "n, gbs, shards, cap, multiple", [(16, 8, 2, 48, 1), (18, 9, 3, 40, 4), (6, None, 2, 200, 2)]
 )
