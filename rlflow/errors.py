@@ -19,3 +19,12 @@ class DataError(RLFlowError, ValueError):
 
 class ClusterError(RLFlowError, RuntimeError):
     """Ray cannot be reached or cannot fit the requested workers."""
+
+
+class RewardError(RLFlowError, ValueError):
+    """A reward function that breaks its contract: its signature, what it returns, or a row
+    it cannot score (see ``rlflow.rewards.contract``)."""
+
+
+class DiskFullError(RLFlowError, OSError):
+    """The disk filled up while rlflow wrote to it."""

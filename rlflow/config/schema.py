@@ -237,6 +237,9 @@ class RewardConfig:
     # A scorer that raises or runs longer than timeout_s on one sample gives that sample
     # error_score instead of stalling or failing the step (counted in reward/num_errors).
     timeout_s: Optional[float] = 10.0
+    # The whole batch's scoring on one reward worker stops after this long; samples not
+    # reached are scored error_score and counted as timed out (null: no batch limit).
+    batch_timeout_s: Optional[float] = 60.0
     error_score: float = 0.0
     overlong_buffer: OverlongBufferConfig = field(default_factory=OverlongBufferConfig)
 

@@ -18,8 +18,9 @@ import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from rlflow.errors import ConfigError
+from rlflow.errors import ConfigError, RewardError
 from rlflow.rewards.registry import default_compute_score, registered_data_sources
+from rlflow.rewards.registry import scorer_for as registry_scorer
 
 RewardFn = Callable[..., "float | dict[str, Any]"]
 
@@ -49,7 +50,7 @@ class CombinedReward:
     Calling it with ``(data_source, solution_str, ground_truth, extra_info=None)`` calls every
     component with those keyword arguments and returns the dict described in the module
     docstring. A component returning a dict without ``score``, or a non-numeric score, raises
-    ``ValueError`` naming the component.
+    ``RewardError`` naming the component.
     """
 
     def __init__(self, components: Sequence[tuple[Any, ...]]) -> None:
@@ -99,7 +100,7 @@ class CombinedReward:
             )
             if isinstance(result, Mapping):
                 if "score" not in result:
-                    raise ValueError(
+                    raise RewardError(
                         f"reward component {name!r} returned a dict without 'score' (keys: {sorted(result)}); "
                         "return a float or a dict with a 'score' entry"
                     )
@@ -108,8 +109,9 @@ class CombinedReward:
             else:
                 score, extras = result, {}
             if isinstance(score, bool) or not isinstance(score, numbers.Real):
-                raise ValueError(
-                    f"reward component {name!r} returned score {score!r:.80}; it must be a number"
+                raise RewardError(
+                    f"reward component {name!r} returned score {score!r:.80} (a {type(score).__name__}); "
+                    "it must be a number"
                 )
             out[name] = float(score)
             for key, value in extras.items():
@@ -138,6 +140,7 @@ def _registry_component(data_source: str | None) -> RewardFn:
         return default_compute_score(fixed_source, solution_str, ground_truth, extra_info)
 
     scorer.__name__ = data_source
+    scorer.needs_ground_truth = getattr(registry_scorer(data_source), "needs_ground_truth", True)
     return scorer
 
 
@@ -194,3 +197,20 @@ def build_reward_fn(specs: Sequence[Any]) -> CombinedReward:
         label = spec.get("label") or name or "default"
         components.append((label, fn, _check_weight(label, spec.get("weight", 1.0))))
     return CombinedReward(components)
+
+
+def resolve_reward_fn(reward_cfg: Any, score_fn: RewardFn | None = None) -> RewardFn:
+    """The reward function a run uses: ``score_fn`` (a Python callable) if given, else
+    ``reward.fns`` (several, weighted), ``reward.custom_fn`` or the built-in registry."""
+    from omegaconf import OmegaConf
+
+    from rlflow.data.custom_loading import load_object
+
+    if score_fn is not None:
+        return score_fn
+    if reward_cfg.fns:  # a ListConfig (the driver's config) or a list (a worker's typed config)
+        fns = reward_cfg.fns
+        return build_reward_fn(OmegaConf.to_container(fns) if OmegaConf.is_config(fns) else list(fns))
+    if reward_cfg.custom_fn.path:
+        return load_object(reward_cfg.custom_fn.path, reward_cfg.custom_fn.name)
+    return default_compute_score

@@ -12,6 +12,8 @@ import signal
 import threading
 from typing import Any, Callable, Optional
 
+from rlflow.errors import RewardError
+
 
 class ScoreTimeout(Exception):
     pass
@@ -59,5 +61,7 @@ def guarded_score(fn: Callable[..., Any], kwargs: dict, timeout_s: Optional[floa
         return call_with_timeout(fn, kwargs, timeout_s), None
     except ScoreTimeout:
         return error_score, "timeout"
+    except RewardError:  # a broken contract is the user's to fix, not a sample to score low
+        raise
     except Exception:  # noqa: BLE001 - any scorer failure is scored, counted and logged
         return error_score, "error"

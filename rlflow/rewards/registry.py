@@ -13,7 +13,8 @@ data_source                                                            scorer
 
 A scorer is a callable ``fn(solution_str, ground_truth)`` returning a float (or a dict with
 a ``"score"`` entry plus extra metrics); if it declares an ``extra_info`` parameter (or
-``**kwargs``) it also receives the row's ``extra_info``. ``register_scorer`` adds scorers in
+``**kwargs``) it also receives the row's ``extra_info``. A scorer that does not use the
+ground truth says so with ``fn.needs_ground_truth = False`` (see ``rlflow.rewards.contract``). ``register_scorer`` adds scorers in
 the current process only: a reward worker running in another Ray process does not see them,
 so for distributed runs point ``reward.custom_fn.path/name`` at a file instead.
 """
@@ -81,6 +82,11 @@ def registered_data_sources() -> list[str]:
     return sorted(_SCORERS)
 
 
+def scorer_for(data_source: Any) -> Scorer | None:
+    """The scorer registered for ``data_source``, or None."""
+    return _SCORERS.get(data_source) if isinstance(data_source, str) else None
+
+
 def default_compute_score(
     data_source: str,
     solution_str: str,
@@ -91,7 +97,7 @@ def default_compute_score(
 
     Raises ValueError for a data_source with no scorer.
     """
-    fn = _SCORERS.get(data_source)
+    fn = scorer_for(data_source)
     if fn is None:
         raise ValueError(
             f"no reward scorer for data_source={data_source!r} (known: "

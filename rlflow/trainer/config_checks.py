@@ -19,6 +19,9 @@ POLICY_LOSSES = ("ppo_clip", "gspo")
 RECOMPUTE_MODES = ("auto", "always", "never")
 TRUNCATION_MODES = ("left", "right", "middle", "error")
 LOGGERS = ("console", "tensorboard", "wandb", "mlflow")
+# Estimators whose baseline is the mean of a prompt's group: a group of one gives all-zero
+# advantages, so nothing is learnt.
+GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus_baseline")
 
 
 def _one_of(key: str, value: Any, choices: Iterable[str]) -> None:
@@ -52,6 +55,16 @@ def check_config(cfg: DictConfig) -> None:
     for name in cfg.trainer.logger:
         _one_of("trainer.logger", name, LOGGERS)
     _non_negative("trainer.test_freq", cfg.trainer.test_freq)
+    if cfg.trainer.total_steps is not None and cfg.trainer.total_steps < 0:
+        raise ConfigError(
+            f"trainer.total_steps={cfg.trainer.total_steps} must be >= 0 "
+            "(0 or null: run trainer.total_epochs over the data)"
+        )
+    _positive(cfg, "trainer.total_epochs")
+    from rlflow.models.loading import DTYPES
+
+    _one_of("model.dtype", cfg.model.dtype, DTYPES)
+    _non_negative("actor.optim.lr", cfg.actor.optim.lr)
     if cfg.trainer.algorithm == "dpo":
         check_dpo_config(cfg)
     else:
@@ -63,6 +76,7 @@ def check_rl_config(cfg: DictConfig) -> None:
     from rlflow.algorithms.kl_control import KL_CONTROLLER_TYPES
     from rlflow.algorithms.losses import AGG_MODES, KL_KINDS
 
+    alg = cfg.algorithm
     _one_of("rollout.backend", cfg.rollout.backend, ROLLOUT_BACKENDS)
     _one_of("algorithm.adv_estimator", cfg.algorithm.adv_estimator, ADVANTAGE_ESTIMATORS)
     _one_of("actor.loss_agg_mode", cfg.actor.loss_agg_mode, AGG_MODES)
@@ -74,12 +88,23 @@ def check_rl_config(cfg: DictConfig) -> None:
         "actor.num_workers", "actor.ppo_mini_batch_size", "actor.ppo_micro_batch_size_per_worker",
         "actor.ppo_epochs", "rollout.num_workers", "ref.num_workers", "reward.num_workers",
     )
+    if alg.adv_estimator in GROUP_ESTIMATORS and int(cfg.rollout.n) < 2:
+        raise ConfigError(
+            f"algorithm.adv_estimator={alg.adv_estimator} compares each response with the other "
+            f"responses to its prompt, so rollout.n={cfg.rollout.n} gives all-zero advantages: "
+            "set rollout.n >= 2 (e.g. 8)"
+        )
+    for key in ("temperature", "val_temperature"):
+        _non_negative(f"rollout.{key}", cfg.rollout[key])
+    if not 0.0 < float(cfg.rollout.top_p) <= 1.0:
+        raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
+    if cfg.actor.use_kl_loss:
+        _one_of("actor.kl_loss_type", cfg.actor.kl_loss_type, KL_KINDS)
     _check_mini_batches(cfg, "actor")
     _check_micro_batching(cfg, "actor")
     _check_micro_batching(cfg, "ref")
     _non_negative("trainer.critic_warmup", cfg.trainer.critic_warmup)
 
-    alg = cfg.algorithm
     if alg.use_kl_in_reward:
         _one_of("algorithm.kl_penalty", alg.kl_penalty, KL_KINDS)
         _one_of("algorithm.kl_ctrl.type", alg.kl_ctrl.type, KL_CONTROLLER_TYPES)
@@ -99,6 +124,7 @@ def check_rl_config(cfg: DictConfig) -> None:
             "critic.forward_micro_batch_size_per_worker", "critic.ppo_epochs",
         )
         _non_negative("critic.cliprange_value", cfg.critic.cliprange_value)
+        _non_negative("critic.optim.lr", cfg.critic.optim.lr)
         _check_mini_batches(cfg, "critic")
     elif cfg.trainer.critic_warmup > 0:
         raise ConfigError(

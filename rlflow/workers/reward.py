@@ -3,22 +3,27 @@
 The score goes on the last valid response token (``token_level_scores``), the layout every
 advantage estimator expects. A scorer may return a float or a dict with ``score`` plus extra
 values, which come back as per-sample lists and are logged as ``reward/<name>``.
+
+Scoring is bounded twice: each call by ``reward.timeout_s``, and the whole batch by
+``reward.batch_timeout_s`` (samples not reached by then are not scored), so a scorer that
+never returns costs a step at most ``batch_timeout_s``, not ``timeout_s`` per sample.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, Optional
 
 import torch
 
 from rlflow.config.schema import typed_config
 from rlflow.data.batched_data_dict import BatchedDataDict
+from rlflow.errors import RewardError
 from rlflow.models.loading import load_tokenizer
-from rlflow.data.custom_loading import load_object
-from rlflow.rewards.combine import build_reward_fn
+from rlflow.rewards.combine import resolve_reward_fn
+from rlflow.rewards.contract import check_result, describe, row_problem
 from rlflow.rewards.guarded import guarded_score
-from rlflow.rewards.registry import default_compute_score
 from rlflow.workers.base import Worker
 
 ScoreFn = Callable[..., Any]
@@ -32,15 +37,7 @@ class RewardWorker(Worker):
         super().__init__()
         self.cfg = typed_config(config)
         self.tokenizer = load_tokenizer(self.cfg.model)
-        rcfg = self.cfg.reward
-        if score_fn is not None:
-            self.score_fn: ScoreFn = score_fn
-        elif rcfg.fns:
-            self.score_fn = build_reward_fn(list(rcfg.fns))
-        elif rcfg.custom_fn.path:
-            self.score_fn = load_object(rcfg.custom_fn.path, rcfg.custom_fn.name)
-        else:
-            self.score_fn = default_compute_score
+        self.score_fn: ScoreFn = resolve_reward_fn(self.cfg.reward, score_fn)
 
     def compute_reward(self, batch: BatchedDataDict) -> BatchedDataDict:
         responses = batch["responses"]
@@ -54,6 +51,8 @@ class RewardWorker(Worker):
         failed = torch.zeros(batch.size)
         timed_out = torch.zeros(batch.size)
         rcfg = self.cfg.reward
+        rows = batch["index"] if "index" in batch else list(range(batch.size))
+        deadline = None if not rcfg.batch_timeout_s else time.monotonic() + float(rcfg.batch_timeout_s)
         for i, text in enumerate(texts):
             kwargs = dict(
                 data_source=batch["data_source"][i],
@@ -61,10 +60,19 @@ class RewardWorker(Worker):
                 ground_truth=(batch["reward_model"][i] or {}).get("ground_truth"),
                 extra_info=batch["extra_info"][i],
             )
-            result, failure = guarded_score(self.score_fn, kwargs, rcfg.timeout_s, float(rcfg.error_score))
+            problem = row_problem(self.score_fn, kwargs["data_source"], kwargs["ground_truth"])
+            if problem is not None:
+                raise RewardError(f"data row {rows[i]}: {problem}")
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                result, failure = float(rcfg.error_score), "timeout"
+            else:
+                limit = rcfg.timeout_s if remaining is None else min(rcfg.timeout_s or remaining, remaining)
+                result, failure = guarded_score(self.score_fn, kwargs, limit, float(rcfg.error_score))
             if failure is not None:
                 (timed_out if failure == "timeout" else failed)[i] = 1.0
-                logger.warning("reward function %s on sample %d; scored %s", failure, i, rcfg.error_score)
+            else:
+                check_result(self.score_fn, result)
             if isinstance(result, dict):
                 scores[i] = float(result["score"])
                 for key, value in result.items():
@@ -72,6 +80,7 @@ class RewardWorker(Worker):
                         extras.setdefault(key, [0.0] * batch.size)[i] = float(value)
             else:
                 scores[i] = float(result)
+        self._report(failed, timed_out, rows)
         token_level = torch.zeros(responses.shape, dtype=torch.float32)
         last = (lengths - 1).clamp(min=0)
         token_level[torch.arange(batch.size), last] = scores * (lengths > 0).float()
@@ -82,3 +91,16 @@ class RewardWorker(Worker):
         for key, values in extras.items():
             out[f"reward_extra/{key}"] = torch.tensor(values)
         return out
+
+    def _report(self, failed: torch.Tensor, timed_out: torch.Tensor, rows: list) -> None:
+        """One warning per batch naming the data rows whose scoring raised or timed out."""
+        rcfg = self.cfg.reward
+        for flags, what in ((failed, "raised"), (timed_out, "timed out")):
+            hit = [rows[i] for i in flags.nonzero().flatten().tolist()]
+            if hit:
+                logger.warning(
+                    "reward function %s %s on %d sample(s), data rows %s%s (limits: reward.timeout_s=%s per "
+                    "sample, reward.batch_timeout_s=%s per batch); scored reward.error_score=%s",
+                    describe(self.score_fn), what, len(hit), hit[:20], " ..." if len(hit) > 20 else "",
+                    rcfg.timeout_s, rcfg.batch_timeout_s, rcfg.error_score,
+                )
