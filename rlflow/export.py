@@ -30,19 +30,54 @@ def _copy_metadata(base: str, folder: str) -> None:
             shutil.copy2(os.path.join(base, name), os.path.join(folder, name))
 
 
-def _atomic_folder(target: str, fill) -> str:
+def _atomic_folder(target: str, fill, replace: bool = False) -> str:
+    """Fill a temporary folder next to ``target`` and rename it to ``target``. An existing
+    ``target`` is replaced only with ``replace`` (the trainer's own ``hf_model``)."""
     parent = os.path.dirname(os.path.abspath(target)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
         fill(tmp)
-        if os.path.exists(target):
+        if replace and os.path.exists(target):
             shutil.rmtree(target)
-        os.rename(tmp, target)
+        os.rename(tmp, target)  # onto an empty folder, or none
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _rlflow_folder(path: str) -> Optional[str]:
+    """What ``path`` is if it is a checkpoint or a run's output folder, else None."""
+    if os.path.isfile(os.path.join(path, "trainer_state.json")):
+        return "a checkpoint"
+    if os.path.isfile(os.path.join(path, "config.yaml")) and (
+        os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "metrics.jsonl"))
+    ):
+        return "a run's output folder"
+    return None
+
+
+def check_target(target: str) -> None:
+    """Refuse a target that holds files, or that lies in a checkpoint or a run's output folder:
+    an export never writes over or among files it does not own."""
+    full = os.path.abspath(target)
+    if os.path.exists(full) and (not os.path.isdir(full) or os.listdir(full)):
+        raise ConfigError(
+            f"export target '{target}' already exists and is not an empty folder: pick a new folder "
+            "(an export never overwrites)"
+        )
+    folder = full
+    while True:
+        kind = _rlflow_folder(folder)
+        if kind is not None:
+            raise ConfigError(
+                f"export target '{target}' lies inside {kind} ('{folder}'): pick a folder outside it"
+            )
+        up = os.path.dirname(folder)
+        if up == folder:
+            return
+        folder = up
 
 
 def export_from_actor_group(actor_group, model_cfg, target: str) -> str:
@@ -60,7 +95,7 @@ def export_from_actor_group(actor_group, model_cfg, target: str) -> str:
         _copy_metadata(base, folder)
         save_file(_dedupe_shared(state), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
 
-    return _atomic_folder(target, fill)
+    return _atomic_folder(target, fill, replace=True)
 
 
 def export_hf_model(checkpoint: str, target: str, role: str = "actor") -> str:
@@ -71,6 +106,7 @@ def export_hf_model(checkpoint: str, target: str, role: str = "actor") -> str:
             f"'{checkpoint}' is not an rlflow checkpoint (expected {role}/model.safetensors and "
             f"config.yaml): pass <output_dir>/checkpoints/global_step_N"
         )
+    check_target(target)
     cfg = OmegaConf.load(config_path)
     base = resolve_model_path(cfg.model.path)
 
@@ -90,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         path = export_hf_model(args.checkpoint, args.target, args.role)
     except (ConfigError, OSError) as exc:
-        print(f"rlflow.export: error: {exc}", file=sys.stderr)
+        print(f"rlflow.export: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     print(path)
     return 0

@@ -19,17 +19,37 @@ USAGE = """usage: python -m rlflow.main [+recipe=NAME] [key=value ...] [--cfg]
 """
 
 
+def _causes(exc: BaseException):
+    """``exc`` and what it wraps: ``__cause__`` (a worker error wraps Ray's) and Ray's ``cause``
+    (the exception the worker raised)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        cause = getattr(exc, "cause", None)
+        exc = cause if isinstance(cause, BaseException) else exc.__cause__
+
+
+def user_error(exc: BaseException):
+    """The ``RLFlowError`` that ``exc`` is or wraps (also one raised inside a Ray worker), or None."""
+    from rlflow.errors import RLFlowError
+
+    for err in _causes(exc):
+        if isinstance(err, RLFlowError) and str(err).strip():
+            return err
+    return None
+
+
 def user_message(exc: BaseException) -> str:
     """The one line to show for an exception, unwrapping errors raised inside Ray workers."""
+    found = user_error(exc)
+    if found is not None:
+        return str(found).strip().splitlines()[0]
     cause = getattr(exc, "cause", None)  # RayTaskError / RayActorError carry the original error
     if isinstance(cause, BaseException) and cause is not exc:
         return user_message(cause)
-    from rlflow.errors import RLFlowError
-
     text = str(exc).strip()
     first = text.splitlines()[0] if text else ""
-    if isinstance(exc, RLFlowError) and first:
-        return first
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
@@ -83,9 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI boundary turns every failure into one line
         if debug:
             raise
-        from rlflow.errors import RLFlowError
-
-        known = isinstance(exc, (RLFlowError, ValueError, FileNotFoundError, TypeError))
+        known = user_error(exc) is not None or isinstance(exc, (ValueError, FileNotFoundError, TypeError))
         print(f"rlflow: error: {user_message(exc)}", file=sys.stderr)
         if not known:
             print("rlflow: set RLFLOW_DEBUG=1 for the full traceback", file=sys.stderr)

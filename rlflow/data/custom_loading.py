@@ -60,7 +60,7 @@ def _load_module(path: str) -> ModuleType:
             sys.modules.pop(module_name, None)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise ConfigError(
-                f"importing custom code file {full!r} failed: {type(exc).__name__}: {first}"
+                f"importing custom code file {full!r} failed: {type(exc).__name__}: {first}; fix that file"
             ) from exc
         _pickle_by_value(module)
         _MODULES[key] = module

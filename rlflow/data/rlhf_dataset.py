@@ -428,6 +428,10 @@ class RLHFDataset(Dataset):
         local, path = self._locate(row)
         return f"row {local} of {path!r}"
 
+    def describe_row(self, i: int) -> str:
+        """Where item ``i`` comes from: ``row N of 'file'`` (for error messages)."""
+        return self._where(self._index[i])
+
     def _encode_checked(
         self, encoder: ChatEncoder, start: int, chunk: Sequence[Any]
     ) -> tuple[list[str], list[list[int]]]:

@@ -19,11 +19,12 @@ from rlflow.errors import ConfigError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_model_path(path: str) -> str:
+def resolve_model_path(path: str, key: str = "model.path") -> str:
+    """The local folder of ``path`` (demo paths are created); ``key`` names it in errors."""
     resolved = resolve_demo_path(path)
     if not os.path.isdir(resolved):
         raise ConfigError(
-            f"model.path '{path}' is not a folder: point model.path at a local Hugging Face model "
+            f"{key} '{path}' is not a folder: point {key} at a local Hugging Face model "
             f"folder (config.json + safetensors), or use demo:tiny-char-lm"
         )
     return resolved

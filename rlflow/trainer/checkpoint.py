@@ -16,6 +16,7 @@ part is on disk, so a crash while saving never leaves a folder that looks comple
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -27,11 +28,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from rlflow.errors import ConfigError
+from rlflow.errors import ConfigError, DiskFullError
 
 STEP_DIR = re.compile(r"^global_step_(\d+)$")
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 STATE_FILE = "trainer_state.json"
+# Less free space than this after a failed write means the write failed for lack of it.
+_NEARLY_FULL_BYTES = 1 << 20
 
 
 def checkpoints_root(output_dir: str) -> str:
@@ -121,6 +124,7 @@ def save_checkpoint(
     final = os.path.join(root, f"global_step_{step}")
     tmp = os.path.join(root, f".tmp-global_step_{step}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
+    latest_tmp = os.path.join(root, f".tmp-{LATEST_FILE}.{uuid.uuid4().hex[:8]}")
     try:
         write_parts(tmp)
         save_rng(os.path.join(tmp, "driver_rng.pt"))
@@ -134,17 +138,49 @@ def save_checkpoint(
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
-    except BaseException:
+        with open(latest_tmp, "w", encoding="utf-8") as f:
+            f.write(str(step))
+        os.replace(latest_tmp, os.path.join(root, LATEST_FILE))
+    except BaseException as exc:
+        # Measured before the partial files go: after an ENOSPC they fill the disk.
+        full = _disk_full(exc, root)
         shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.exists(latest_tmp):
+            os.remove(latest_tmp)
+        if full:
+            previous = list_checkpoints(output_dir)
+            kept = f"the last complete checkpoint {previous[-1][1]} is intact" if previous else "no earlier checkpoint exists"
+            raise DiskFullError(
+                f"the disk is full: writing checkpoint global_step_{step} under {root} failed ({kept}; "
+                "the partial one was removed): free space there or lower trainer.max_ckpt_to_keep, "
+                "then run again to resume"
+            ) from exc
         raise
-    latest_tmp = os.path.join(root, f".{LATEST_FILE}.{uuid.uuid4().hex[:8]}")
-    with open(latest_tmp, "w", encoding="utf-8") as f:
-        f.write(str(step))
-    os.replace(latest_tmp, os.path.join(root, LATEST_FILE))
     if max_to_keep and max_to_keep > 0:
         for _, old in list_checkpoints(output_dir)[:-max_to_keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+# Messages of writers that do not raise an OSError on a full disk (safetensors, torch.save).
+_DISK_FULL_TEXT = ("No space left on device", "StorageFull", "Disk quota exceeded")
+
+
+def _disk_full(exc: BaseException, folder: str) -> bool:
+    """Whether a failed write failed for lack of space: ENOSPC / EDQUOT anywhere in the chain
+    (also inside a Ray worker's error), or almost no space left on ``folder``'s disk."""
+    seen = set()
+    err: Optional[BaseException] = exc
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(t in str(err) for t in _DISK_FULL_TEXT):
+            return True
+        cause = getattr(err, "cause", None)  # the exception a Ray worker raised
+        err = cause if isinstance(cause, BaseException) else (err.__cause__ or err.__context__)
+    try:
+        return shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES
+    except OSError:
+        return False
 
 
 def load_trainer_state(path: str) -> dict[str, Any]:
@@ -153,9 +189,14 @@ def load_trainer_state(path: str) -> dict[str, Any]:
 
 
 def clean_stale_temp(output_dir: str) -> None:
-    """Remove half-written temp folders left by a crash during a save."""
+    """Remove half-written temp folders (and files) left by a crash during a save; called
+    when a run starts, with the run folder locked."""
     root = checkpoints_root(output_dir)
     if os.path.isdir(root):
         for name in os.listdir(root):
+            path = os.path.join(root, name)
             if name.startswith(".tmp-"):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)

@@ -45,7 +45,7 @@ def _positive(cfg: DictConfig, *keys: str) -> None:
 
 def _non_negative(key: str, value: Any) -> None:
     if value is None or value < 0:
-        raise ConfigError(f"{key}={value} must be >= 0")
+        raise ConfigError(f"{key}={value} must be >= 0: set {key} to 0 or a positive value")
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -33,8 +33,8 @@ from rlflow.data.preference_dataset import PreferenceDataset, collate_preference
 from rlflow.data.prompt_batches import PromptBatches
 from rlflow.distributed.worker_group import WorkerGroup
 from rlflow.errors import ConfigError
-from rlflow.models.loading import load_tokenizer
 from rlflow.trainer.config_checks import check_config
+from rlflow.trainer.preflight import preflight
 from rlflow.trainer.startup import build_pool, init_ray_from_config, log_workers, prepare_output_dir, wait_ready
 from rlflow.trainer.tracking import MetricsLog, PhaseTimer
 from rlflow.workers.dpo_policy import DPOPolicyWorker
@@ -51,11 +51,10 @@ class DPOTrainer:
                 "rlflow.build_trainer(cfg), which picks the trainer for the algorithm"
             )
         self.cfg = cfg
-        self.output_dir = prepare_output_dir(cfg)
-        self.metrics = MetricsLog(self.output_dir)
         torch.manual_seed(int(cfg.trainer.seed))
 
-        self.tokenizer = load_tokenizer(cfg.model)
+        # Everything that reads the user's files runs here, before Ray and the workers start.
+        self.tokenizer = preflight(cfg)
         self.train_dataset = self._dataset(cfg.data.train_files)
         self.val_dataset = self._dataset(cfg.data.val_files) if cfg.data.val_files else None
         self.batches = PromptBatches(
@@ -65,9 +64,11 @@ class DPOTrainer:
         self.global_step = 0
         self._val_ref_logps: Optional[torch.Tensor] = None
 
-        init_ray_from_config(cfg.cluster)
         self.groups: dict[str, WorkerGroup] = {}
+        self.output_dir, self._run_lock = prepare_output_dir(cfg)
         try:
+            self.metrics = MetricsLog(self.output_dir)
+            init_ray_from_config(cfg.cluster)
             self._build_worker_groups()
         except BaseException:
             self.close()
@@ -212,3 +213,4 @@ class DPOTrainer:
         for wg in self.groups.values():
             wg.shutdown()
         self.groups.clear()
+        self._run_lock.release()

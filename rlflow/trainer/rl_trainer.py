@@ -47,10 +47,10 @@ from rlflow.demo.assets import resolve_demo_path
 from rlflow.distributed.worker_group import ShardedCall, WorkerGroup
 from rlflow.config.schema import typed_config
 from rlflow.errors import ConfigError
-from rlflow.models.loading import load_tokenizer
 from rlflow.distributed.worker_group import WorkerDiedError
 from rlflow.trainer import checkpoint as ckpt
 from rlflow.trainer.config_checks import check_config
+from rlflow.trainer.preflight import check_first_rows, preflight
 from rlflow.trainer.startup import build_pool, init_ray_from_config, log_workers, prepare_output_dir, wait_ready
 from rlflow.trainer.trackers import build_trackers
 from rlflow.trainer.tracking import MetricsLog, PhaseTimer
@@ -106,15 +106,16 @@ class RLTrainer:
                 "rlflow.build_trainer(cfg), which picks the trainer for the algorithm"
             )
         self.cfg = cfg
-        self.output_dir = prepare_output_dir(cfg)
-        self.metrics = MetricsLog(self.output_dir)
         torch.manual_seed(int(cfg.trainer.seed))
         self.restarts = 0
 
-        self.tokenizer = load_tokenizer(cfg.model)
+        # Everything that reads the user's files runs here, before Ray and the workers start.
+        self.tokenizer = preflight(cfg, reward_fn=reward_fn)
         self.reward_fn = reward_fn
         self.packer = self._packer(packer)
         self.train_dataset = train_dataset if train_dataset is not None else self._dataset(cfg.data.train_files)
+        check_first_rows(cfg, self.train_dataset, reward_fn)
+        self.val_dataset = self._dataset(cfg.data.val_files) if int(cfg.trainer.test_freq) > 0 else None
         self.batches = PromptBatches(
             len(self.train_dataset), int(cfg.data.train_batch_size), bool(cfg.data.shuffle), int(cfg.data.seed)
         )
@@ -130,14 +131,15 @@ class RLTrainer:
         # The controller lives in the driver: its coefficient is one number per step.
         self.kl_ctrl = build_kl_controller(alg.kl_ctrl) if self.use_kl_in_reward else None
 
-        init_ray_from_config(cfg.cluster)
         self.groups: dict[str, WorkerGroup] = {}
         self.trackers = []
+        self.output_dir, self._run_lock = prepare_output_dir(cfg)
         try:
+            self.metrics = MetricsLog(self.output_dir)
+            resume_from = ckpt.resolve_resume_path(self.output_dir, str(cfg.trainer.resume_mode))
+            init_ray_from_config(cfg.cluster)
             self._build_worker_groups()
             log_workers(self.groups)
-            self.val_dataset = self._dataset(cfg.data.val_files) if int(cfg.trainer.test_freq) > 0 else None
-            resume_from = ckpt.resolve_resume_path(self.output_dir, str(cfg.trainer.resume_mode))
             if resume_from is not None:
                 self.load_checkpoint(resume_from)
             self.trackers = build_trackers(
@@ -607,6 +609,8 @@ class RLTrainer:
             self.metrics.truncate_after(0)
 
     def close(self, trackers: bool = True) -> None:
+        """Stop the workers; unless only they are being rebuilt (``trackers=False``), also close
+        the trackers and release the run folder."""
         for wg in self.groups.values():
             try:
                 wg.shutdown()
@@ -617,3 +621,4 @@ class RLTrainer:
             for tracker in self.trackers:
                 tracker.close()
             self.trackers = []
+            self._run_lock.release()

@@ -1,4 +1,5 @@
-"""Start-up steps every driver shares: the run folder, Ray, resource pools, the worker log.
+"""Start-up steps every driver shares: the run folder and its lock, Ray, resource pools, the
+worker log.
 
 Used by the RL and DPO trainers and by the data engine, so all of them read ``trainer.*`` and
 ``cluster.*`` the same way.
@@ -8,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -17,22 +20,94 @@ from tqdm.auto import tqdm
 from rlflow.distributed.ray_cluster import init_ray
 from rlflow.distributed.resource_pool import ResourcePool
 from rlflow.distributed.worker_group import WorkerGroup
+from rlflow.errors import ConfigError
+from rlflow.trainer.checkpoint import clean_stale_temp
 from rlflow.trainer.output_dir import default_output_dir
 
 logger = logging.getLogger("rlflow")
 
 
-def prepare_output_dir(cfg: DictConfig) -> str:
-    """Create the run's folder and write the resolved config to ``config.yaml`` in it.
+LOCK_FILE = ".rlflow.lock"
+
+
+class RunLock:
+    """An exclusive lock on a run folder, so two runs never write into one.
+
+    It is an ``flock`` on ``<output_dir>/.rlflow.lock``: the kernel drops it when the process
+    ends, however it ends, so a crashed run never leaves the folder locked. The file keeps a
+    note of the holder for the message a second run prints.
+    """
+
+    def __init__(self, output_dir: str) -> None:
+        import fcntl
+
+        path = os.path.join(output_dir, LOCK_FILE)
+        try:
+            self._file: Any = open(path, "a+", encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"trainer.output_dir '{output_dir}' is not writable ({exc.strerror}): pick a folder "
+                "you can write to"
+            ) from None
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise ConfigError(
+                f"trainer.output_dir '{output_dir}' is in use by another run ({holder}): wait for it "
+                "to finish, or set another trainer.output_dir"
+            ) from None
+        except OSError:  # a file system without locks (some network mounts): run unlocked
+            logger.warning("cannot lock %s; make sure no other run writes to this folder", path)
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the file drops the flock
+            self._file = None
+
+
+def _blocking_file(path: str) -> Optional[str]:
+    """The first component of ``path`` that exists but is not a folder."""
+    parts = os.path.abspath(path).split(os.sep)
+    for n in range(2, len(parts) + 1):
+        prefix = os.sep.join(parts[:n])
+        if os.path.exists(prefix) and not os.path.isdir(prefix):
+            return prefix
+    return None
+
+
+def prepare_output_dir(cfg: DictConfig) -> tuple[str, RunLock]:
+    """Create and lock the run's folder, remove half-written checkpoints a crash left there,
+    and write the resolved config to ``config.yaml`` in it.
 
     The folder is ``trainer.output_dir``, or when that is empty the durable default for
-    ``trainer.experiment_name`` (see ``rlflow.trainer.output_dir``). Returns its absolute path.
+    ``trainer.experiment_name`` (see ``rlflow.trainer.output_dir``). Returns its absolute path
+    and the lock, which the trainer releases when it closes.
     """
     output_dir = os.path.abspath(cfg.trainer.output_dir or default_output_dir(cfg.trainer.experiment_name))
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "config.yaml"), "w", encoding="utf-8") as f:
-        f.write(OmegaConf.to_yaml(cfg, resolve=True))
-    return output_dir
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as exc:
+        blocking = _blocking_file(output_dir)
+        reason = f"'{blocking}' is a file" if blocking else exc.strerror
+        raise ConfigError(
+            f"trainer.output_dir '{output_dir}' cannot be created ({reason}): pick a folder you can write to"
+        ) from None
+    lock = RunLock(output_dir)
+    try:
+        clean_stale_temp(output_dir)
+        with open(os.path.join(output_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    except BaseException:
+        lock.release()
+        raise
+    return output_dir, lock
 
 
 def init_ray_from_config(cluster: Any) -> dict[str, float]:
