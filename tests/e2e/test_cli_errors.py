@@ -186,7 +186,7 @@ def test_unwritable_output_dir(tmp_path, cli):
         status, lines, err = cli(f"trainer.output_dir={target}")
     finally:
         if mounted:
-            subprocess.run(["umount", str(target)], check=True)
+            subprocess.run(["umount", "-l", str(target)], check=True)
         else:
             target.chmod(0o755)
     assert status == 2 and len(lines) == 1, err[-2000:]
