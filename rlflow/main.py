@@ -34,10 +34,9 @@ def user_error(exc: BaseException):
     """The ``RLFlowError`` that ``exc`` is or wraps (also one raised inside a Ray worker), or None."""
     from rlflow.errors import RLFlowError
 
-    for err in _causes(exc):
-        if isinstance(err, RLFlowError) and str(err).strip():
-            return err
-    return None
+    # The innermost: Ray's wrapper of a worker's error is an instance of the error's class too.
+    found = [err for err in _causes(exc) if isinstance(err, RLFlowError) and str(err).strip()]
+    return found[-1] if found else None
 
 
 def user_message(exc: BaseException) -> str:

@@ -142,6 +142,9 @@ def check_rl_config(cfg: DictConfig) -> None:
                 "response has no reward spread to filter on"
             )
 
+    for key in ("timeout_s", "batch_timeout_s"):
+        if cfg.reward[key] is not None and cfg.reward[key] < 0:
+            raise ConfigError(f"reward.{key}={cfg.reward[key]} must be >= 0 (0 or null: no limit)")
     ob = cfg.reward.overlong_buffer
     if ob.enable:
         max_len = int(cfg.data.max_response_length)

@@ -307,3 +307,30 @@ def test_cluster_errors_are_one_line(tmp_path, case, overrides, needle):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_an_error_raised_in_a_worker_is_shown_as_its_one_line(capsys, monkeypatch):
+    """How a reward function's broken contract reaches the CLI: raised in the reward worker,
+    wrapped by Ray and by the worker group (built here as they are, without starting Ray)."""
+    from ray.exceptions import RayTaskError
+
+    import rlflow.main as cli_main
+    from rlflow.distributed.worker_group import WorkerCallError
+    from rlflow.errors import RewardError
+
+    line = "reward function 'score' in '/x/r.py' returned a NoneType (None); it must return a float"
+    try:
+        raise RewardError(line)
+    except RewardError as exc:
+        wrapped = RayTaskError("RewardWorker.compute_reward", "Traceback (most recent call last): ...", exc)
+        wrapped = wrapped.as_instanceof_cause()
+    outer = WorkerCallError("worker reward-0 raised in 'compute_reward': ...", "reward", 0, "compute_reward")
+    outer.__cause__ = wrapped
+
+    def build_trainer(cfg):
+        raise outer
+
+    monkeypatch.setattr("rlflow.api.build_trainer", build_trainer)
+    assert cli_main.main(["+recipe=grpo"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("rlflow:")]
+    assert lines == [f"rlflow: error: {line}"]
