@@ -12,13 +12,13 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 
 from rlflow.errors import ConfigError
 from rlflow.models.loading import resolve_model_path
+from rlflow.utils.atomic import atomic_folder
 
 # Files of an HF model folder that describe the model but hold no weights.
 METADATA_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
@@ -28,23 +28,6 @@ def _copy_metadata(base: str, folder: str) -> None:
     for name in os.listdir(base):
         if name.endswith(METADATA_SUFFIXES) and not name.endswith(".index.json"):
             shutil.copy2(os.path.join(base, name), os.path.join(folder, name))
-
-
-def _atomic_folder(target: str, fill, replace: bool = False) -> str:
-    """Fill a temporary folder next to ``target`` and rename it to ``target``. An existing
-    ``target`` is replaced only with ``replace`` (the trainer's own ``hf_model``)."""
-    parent = os.path.dirname(os.path.abspath(target)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
-        fill(tmp)
-        if replace and os.path.exists(target):
-            shutil.rmtree(target)
-        os.rename(tmp, target)  # onto an empty folder, or none
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
 
 
 def _rlflow_folder(path: str) -> Optional[str]:
@@ -95,7 +78,7 @@ def export_from_actor_group(actor_group, model_cfg, target: str) -> str:
         _copy_metadata(base, folder)
         save_file(_dedupe_shared(state), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
 
-    return _atomic_folder(target, fill, replace=True)
+    return atomic_folder(target, fill, replace=True)
 
 
 def export_hf_model(checkpoint: str, target: str, role: str = "actor") -> str:
@@ -114,7 +97,7 @@ def export_hf_model(checkpoint: str, target: str, role: str = "actor") -> str:
         _copy_metadata(base, folder)
         shutil.copy2(weights, os.path.join(folder, "model.safetensors"))
 
-    return _atomic_folder(target, fill)
+    return atomic_folder(target, fill)  # onto a new or empty folder
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

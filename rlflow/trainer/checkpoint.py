@@ -186,17 +186,3 @@ def _disk_full(exc: BaseException, folder: str) -> bool:
 def load_trainer_state(path: str) -> dict[str, Any]:
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
         return json.load(f)
-
-
-def clean_stale_temp(output_dir: str) -> None:
-    """Remove half-written temp folders (and files) left by a crash during a save; called
-    when a run starts, with the run folder locked."""
-    root = checkpoints_root(output_dir)
-    if os.path.isdir(root):
-        for name in os.listdir(root):
-            path = os.path.join(root, name)
-            if name.startswith(".tmp-"):
-                if os.path.isdir(path):
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    os.remove(path)

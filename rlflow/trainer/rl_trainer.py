@@ -68,7 +68,7 @@ logger = logging.getLogger("rlflow")
 _SCORED = ("input_ids", "attention_mask", "position_ids", "responses")
 CALL_KEYS = {
     "generate": ("input_ids", "attention_mask"),
-    "compute_reward": ("responses", "response_mask", "data_source", "reward_model", "extra_info"),
+    "compute_reward": ("responses", "response_mask", "data_source", "reward_model", "extra_info", "index"),
     "compute_log_prob": _SCORED,
     "compute_values": _SCORED,
     "update_policy": _SCORED + ("response_mask", "advantages", "old_log_probs", "ref_log_probs", "returns"),

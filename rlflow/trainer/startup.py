@@ -21,8 +21,9 @@ from rlflow.distributed.ray_cluster import init_ray
 from rlflow.distributed.resource_pool import ResourcePool
 from rlflow.distributed.worker_group import WorkerGroup
 from rlflow.errors import ConfigError
-from rlflow.trainer.checkpoint import clean_stale_temp
+from rlflow.trainer.checkpoint import checkpoints_root
 from rlflow.trainer.output_dir import default_output_dir
+from rlflow.utils.atomic import remove_stale_temporaries
 
 logger = logging.getLogger("rlflow")
 
@@ -101,7 +102,7 @@ def prepare_output_dir(cfg: DictConfig) -> tuple[str, RunLock]:
         ) from None
     lock = RunLock(output_dir)
     try:
-        clean_stale_temp(output_dir)
+        remove_stale_temporaries(checkpoints_root(output_dir))
         with open(os.path.join(output_dir, "config.yaml"), "w", encoding="utf-8") as f:
             f.write(OmegaConf.to_yaml(cfg, resolve=True))
     except BaseException:
