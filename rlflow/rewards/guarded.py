@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable, Optional
 
 from rlflow.errors import RewardError
@@ -23,20 +25,41 @@ def _alarm_available() -> bool:
     return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
 
 
+def _on_alarm(_signum, _frame) -> None:
+    raise ScoreTimeout("reward function exceeded its time limit")
+
+
+_alarm_installed = False
+
+
+@contextmanager
+def alarm_handler() -> Iterator[None]:
+    """Keep the SIGALRM handler installed for a batch of calls: installing it per call costs
+    more than scoring a sample with a rule. Calls inside only arm and disarm the timer."""
+    global _alarm_installed
+    if not _alarm_available() or _alarm_installed:
+        yield
+        return
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    _alarm_installed = True
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        _alarm_installed = False
+
+
 def call_with_timeout(fn: Callable[..., Any], kwargs: dict, timeout_s: Optional[float]) -> Any:
     if not timeout_s or timeout_s <= 0:
         return fn(**kwargs)
     if _alarm_available():
-        def on_alarm(_signum, _frame):
-            raise ScoreTimeout(f"reward function exceeded {timeout_s}s")
-
-        previous = signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, timeout_s)
-        try:
-            return fn(**kwargs)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
+        with alarm_handler():
+            signal.setitimer(signal.ITIMER_REAL, timeout_s)
+            try:
+                return fn(**kwargs)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
     box: dict[str, Any] = {}
 
     def target() -> None:

@@ -23,7 +23,7 @@ from rlflow.errors import RewardError
 from rlflow.models.loading import load_tokenizer
 from rlflow.rewards.combine import resolve_reward_fn
 from rlflow.rewards.contract import check_result, describe, row_problem
-from rlflow.rewards.guarded import guarded_score
+from rlflow.rewards.guarded import alarm_handler, guarded_score
 from rlflow.workers.base import Worker
 
 ScoreFn = Callable[..., Any]
@@ -53,33 +53,34 @@ class RewardWorker(Worker):
         rcfg = self.cfg.reward
         rows = batch["index"] if "index" in batch else list(range(batch.size))
         deadline = None if not rcfg.batch_timeout_s else time.monotonic() + float(rcfg.batch_timeout_s)
-        for i, text in enumerate(texts):
-            kwargs = dict(
-                data_source=batch["data_source"][i],
-                solution_str=text,
-                ground_truth=(batch["reward_model"][i] or {}).get("ground_truth"),
-                extra_info=batch["extra_info"][i],
-            )
-            problem = row_problem(self.score_fn, kwargs["data_source"], kwargs["ground_truth"])
-            if problem is not None:
-                raise RewardError(f"data row {rows[i]}: {problem}")
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                result, failure = float(rcfg.error_score), "timeout"
-            else:
-                limit = rcfg.timeout_s if remaining is None else min(rcfg.timeout_s or remaining, remaining)
-                result, failure = guarded_score(self.score_fn, kwargs, limit, float(rcfg.error_score))
-            if failure is not None:
-                (timed_out if failure == "timeout" else failed)[i] = 1.0
-            else:
-                check_result(self.score_fn, result)
-            if isinstance(result, dict):
-                scores[i] = float(result["score"])
-                for key, value in result.items():
-                    if key != "score":
-                        extras.setdefault(key, [0.0] * batch.size)[i] = float(value)
-            else:
-                scores[i] = float(result)
+        with alarm_handler():  # one handler for the batch; each sample only arms the timer
+            for i, text in enumerate(texts):
+                kwargs = dict(
+                    data_source=batch["data_source"][i],
+                    solution_str=text,
+                    ground_truth=(batch["reward_model"][i] or {}).get("ground_truth"),
+                    extra_info=batch["extra_info"][i],
+                )
+                problem = row_problem(self.score_fn, kwargs["data_source"], kwargs["ground_truth"])
+                if problem is not None:
+                    raise RewardError(f"data row {rows[i]}: {problem}")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    result, failure = float(rcfg.error_score), "timeout"
+                else:
+                    limit = rcfg.timeout_s if remaining is None else min(rcfg.timeout_s or remaining, remaining)
+                    result, failure = guarded_score(self.score_fn, kwargs, limit, float(rcfg.error_score))
+                if failure is not None:
+                    (timed_out if failure == "timeout" else failed)[i] = 1.0
+                else:
+                    check_result(self.score_fn, result)
+                if isinstance(result, dict):
+                    scores[i] = float(result["score"])
+                    for key, value in result.items():
+                        if key != "score":
+                            extras.setdefault(key, [0.0] * batch.size)[i] = float(value)
+                else:
+                    scores[i] = float(result)
         self._report(failed, timed_out, rows)
         token_level = torch.zeros(responses.shape, dtype=torch.float32)
         last = (lengths - 1).clamp(min=0)
