@@ -34,6 +34,8 @@ from typing import Any, TypedDict, TypeVar
 
 import torch
 
+from rlflow.data.batch_sizes import balanced_halves, round_up, split_to_count
+
 Self = TypeVar("Self", bound="BatchedDataDict")
 
 
@@ -93,10 +95,6 @@ def _check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 def _batch_len(key: str, value: Any) -> int:
@@ -272,31 +270,15 @@ PACKING_ALGORITHMS = tuple(_PACKERS)
 def _split_bins_to_multiple(
     bins: list[list[int]], lengths: Sequence[int], multiple: int
 ) -> list[list[int]]:
-    """Add bins until their count is a positive multiple of ``multiple``.
-
-    Each step splits the bin with the most sequences (then most tokens) into two
-    halves of similar token load; a split never exceeds the capacity. Only when every
-    bin holds a single sequence (fewer sequences than bins needed) is an empty bin
-    appended.
-    """
-    bins = [list(b) for b in bins]
+    """Add bins until their count is a positive multiple of ``multiple``, halving the bin with
+    the most sequences (then most tokens) into two of similar token load; a split never exceeds
+    the capacity. Empty bins appear only when every bin holds a single sequence."""
     target = max(1, math.ceil(len(bins) / multiple)) * multiple
-    while len(bins) < target:
-        load = [sum(lengths[i] for i in b) for b in bins]
-        candidates = [b for b in range(len(bins)) if len(bins[b]) >= 2]
-        if not candidates:
-            bins.append([])
-            continue
-        pick = max(candidates, key=lambda b: (len(bins[b]), load[b], -b))
-        halves: list[list[int]] = [[], []]
-        half_load = [0, 0]
-        for i in sorted(bins[pick], key=lambda i: (-lengths[i], i)):
-            h = 0 if half_load[0] <= half_load[1] else 1
-            halves[h].append(i)
-            half_load[h] += lengths[i]
-        bins[pick] = sorted(halves[0])
-        bins.append(sorted(halves[1]))
-    return bins
+    return split_to_count(
+        bins, target,
+        cost=lambda b: (len(b), sum(lengths[i] for i in b)),
+        halve=lambda b: balanced_halves(b, lengths.__getitem__),
+    )
 
 
 def _deal_bins_to_shards(loads: Sequence[int], shards: int) -> list[list[int]]:
@@ -337,28 +319,20 @@ def _greedy_microbatches(padded: Sequence[int], cap: int) -> list[list[int]]:
 def _split_microbatches_to(
     ranges: list[list[int]], padded: Sequence[int], count: int
 ) -> list[list[int]]:
-    """Split runs (heaviest first) until there are ``count``; pad with empty runs.
-
-    Halving a run never raises its ``count * max`` product, so the cap still holds.
-    Empty runs (``start == end``) only appear when the shard has fewer samples than
-    ``count`` (uneven shards).
-    """
-    ranges = [list(r) for r in ranges]
-
-    def tokens(r: list[int]) -> int:
-        return (r[1] - r[0]) * max(padded[r[0] : r[1]], default=0)
-
-    while len(ranges) < count:
-        splittable = [k for k, r in enumerate(ranges) if r[1] - r[0] >= 2]
-        if not splittable:
-            end = ranges[-1][1] if ranges else 0
-            ranges.append([end, end])
-            continue
-        k = max(splittable, key=lambda k: (tokens(ranges[k]), -k))
-        start, end = ranges[k]
-        mid = (start + end) // 2
-        ranges[k : k + 1] = [[start, mid], [mid, end]]
-    return ranges
+    """Split runs (heaviest first, at their middle) until there are ``count``; pad with empty
+    runs. Halving a run never raises its ``count * max`` product, so the cap still holds.
+    Empty runs (``start == end``) only appear when the shard has fewer samples than ``count``."""
+    runs = split_to_count(
+        [list(range(a, b)) for a, b in ranges], count,
+        cost=lambda run: len(run) * max((padded[i] for i in run), default=0),
+        halve=lambda run: (run[: len(run) // 2], run[len(run) // 2 :]),
+    )
+    out, end = [], 0
+    for run in runs:
+        start = run[0] if run else end
+        end = start + len(run)
+        out.append([start, end])
+    return out
 
 
 def _validated_args(
@@ -887,7 +861,7 @@ class BatchedDataDict(UserDict):
         cap, step = args["max_tokens_per_microbatch"], args["sequence_length_round"]
         sign = -1 if args["micro_batch_order"] in _LARGEST_FIRST else 1
         # every sample occupies at least one rounded slot, so a micro-batch never has width 0
-        padded = [_round_up(max(n, 1), step) for n in lengths]
+        padded = [round_up(max(n, 1), step) for n in lengths]
         too_long = [p for p in padded if p > cap]
         if too_long:
             raise ValueError(
@@ -918,7 +892,7 @@ class BatchedDataDict(UserDict):
         cap, multiple = args["max_tokens_per_microbatch"], args["sequence_length_pad_multiple"]
         packer = _PACKERS[args["algorithm"]]
         order = args["micro_batch_order"]
-        padded = [_round_up(max(n, 1), multiple) for n in lengths]
+        padded = [round_up(max(n, 1), multiple) for n in lengths]
         too_long = [p for p in padded if p > cap]
         if too_long:
             raise ValueError(

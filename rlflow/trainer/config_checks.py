@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig
 
+from rlflow.data.batch_sizes import divisors
 from rlflow.errors import ConfigError
 
 ROLLOUT_BACKENDS = ("hf", "vllm")
@@ -28,10 +29,6 @@ def _one_of(key: str, value: Any, choices: Iterable[str]) -> None:
     choices = tuple(choices)
     if value not in choices:
         raise ConfigError(f"{key}='{value}' is not valid: use one of {', '.join(choices)}")
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _positive(cfg: DictConfig, *keys: str) -> None:
@@ -165,12 +162,12 @@ def _check_mini_batches(cfg: DictConfig, role: str) -> None:
     if batch % mini:
         raise ConfigError(
             f"data.train_batch_size={batch} is not divisible by {role}.ppo_mini_batch_size={mini}: "
-            f"use a mini-batch size from {_divisors(batch)}"
+            f"use a mini-batch size from {divisors(batch)}"
         )
     n = int(cfg.rollout.n)
     workers = int(role_cfg.num_workers)
     if (mini * n) % workers:
-        good = [d for d in _divisors(mini * n) if d <= 64]
+        good = [d for d in divisors(mini * n) if d <= 64]
         raise ConfigError(
             f"{role}.ppo_mini_batch_size x rollout.n = {mini}x{n} = {mini * n} responses cannot be "
             f"split evenly over {role}.num_workers={workers}: use {role}.num_workers from {good}"
