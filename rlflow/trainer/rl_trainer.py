@@ -70,7 +70,7 @@ CALL_KEYS = {
     "generate": ("input_ids", "attention_mask"),
     "compute_reward": ("responses", "response_mask", "data_source", "reward_model", "extra_info", "index"),
     "compute_log_prob": _SCORED,
-    "compute_values": _SCORED,
+    "compute_values": _SCORED + ("response_mask",),
     "update_policy": _SCORED + ("response_mask", "advantages", "old_log_probs", "ref_log_probs", "returns"),
     "update_critic": _SCORED + ("response_mask", "values", "returns"),
 }
