@@ -25,7 +25,7 @@ from rlflow.utils.torch_functional import get_response_mask
 def greedy_accuracy(model_path: str, files: list[str], max_prompt_length: int = 16,
                     max_response_length: int = 4, batch_size: int = 256) -> float:
     model_cfg = OmegaConf.create({"path": model_path, "tokenizer_path": None, "trust_remote_code": False,
-                                  "dtype": "float32", "attn_implementation": "sdpa"})
+                                  "dtype": "float32", "attn_implementation": "auto"})
     tokenizer = load_tokenizer(model_cfg)
     model = load_causal_lm(model_cfg).eval()
     data = RLHFDataset(files, tokenizer, max_prompt_length=max_prompt_length, truncation="left")
