@@ -33,6 +33,7 @@ from rlflow.data.preference_dataset import PreferenceDataset, collate_preference
 from rlflow.data.prompt_batches import PromptBatches
 from rlflow.distributed.worker_group import WorkerGroup
 from rlflow.errors import ConfigError
+from rlflow.models.architecture import check_model_support
 from rlflow.trainer.config_checks import check_config
 from rlflow.trainer.preflight import preflight
 from rlflow.trainer.startup import build_pool, init_ray_from_config, log_workers, prepare_output_dir, wait_ready
@@ -45,6 +46,7 @@ class DPOTrainer:
 
     def __init__(self, cfg: DictConfig) -> None:
         check_config(cfg)
+        check_model_support(cfg)
         if cfg.trainer.algorithm != "dpo":
             raise ConfigError(
                 f"DPOTrainer runs trainer.algorithm=dpo, got '{cfg.trainer.algorithm}': use "

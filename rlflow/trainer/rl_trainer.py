@@ -49,6 +49,7 @@ from rlflow.config.schema import typed_config
 from rlflow.errors import ConfigError
 from rlflow.distributed.worker_group import WorkerDiedError
 from rlflow.trainer import checkpoint as ckpt
+from rlflow.models.architecture import check_model_support
 from rlflow.trainer.config_checks import check_config
 from rlflow.trainer.preflight import check_first_rows, preflight
 from rlflow.trainer.startup import build_pool, init_ray_from_config, log_workers, prepare_output_dir, wait_ready
@@ -100,6 +101,7 @@ class RLTrainer:
         """``reward_fn``, ``train_dataset`` and ``packer`` are Python objects that replace the
         config's ``reward.*``, ``data.custom_cls`` and ``data.packer`` (handy in notebooks)."""
         check_config(cfg)
+        check_model_support(cfg)
         if cfg.trainer.algorithm != "rl":
             raise ConfigError(
                 f"RLTrainer runs trainer.algorithm=rl, got '{cfg.trainer.algorithm}': use "
