@@ -36,7 +36,9 @@ from rlflow.errors import ConfigError
 from rlflow.models.architecture import check_model_support
 from rlflow.trainer.config_checks import check_config
 from rlflow.trainer.preflight import preflight
-from rlflow.trainer.startup import build_pool, init_ray_from_config, log_workers, prepare_output_dir, wait_ready
+from rlflow.trainer.startup import (
+    build_pool, init_ray_from_config, log_workers, prepare_output_dir, total_training_steps, wait_ready,
+)
 from rlflow.trainer.tracking import MetricsLog, PhaseTimer
 from rlflow.workers.dpo_policy import DPOPolicyWorker
 
@@ -62,7 +64,7 @@ class DPOTrainer:
         self.batches = PromptBatches(
             len(self.train_dataset), int(cfg.data.train_batch_size), bool(cfg.data.shuffle), int(cfg.data.seed)
         )
-        self.total_steps = int(cfg.trainer.total_steps or self.batches.batches_per_epoch * int(cfg.trainer.total_epochs))
+        self.total_steps = total_training_steps(cfg.trainer, self.batches.batches_per_epoch)
         self.global_step = 0
         self._val_ref_logps: Optional[torch.Tensor] = None
 

@@ -52,7 +52,9 @@ from rlflow.trainer import checkpoint as ckpt
 from rlflow.models.architecture import check_model_support
 from rlflow.trainer.config_checks import check_config
 from rlflow.trainer.preflight import check_first_rows, preflight
-from rlflow.trainer.startup import build_pool, init_ray_from_config, log_workers, prepare_output_dir, wait_ready
+from rlflow.trainer.startup import (
+    build_pool, init_ray_from_config, log_workers, prepare_output_dir, total_training_steps, wait_ready,
+)
 from rlflow.trainer.trackers import build_trackers
 from rlflow.trainer.tracking import MetricsLog, PhaseTimer
 from rlflow.utils.torch_functional import masked_mean
@@ -122,7 +124,7 @@ class RLTrainer:
             len(self.train_dataset), int(cfg.data.train_batch_size), bool(cfg.data.shuffle), int(cfg.data.seed)
         )
         per_epoch = self.batches.batches_per_epoch
-        self.total_steps = int(cfg.trainer.total_steps or per_epoch * int(cfg.trainer.total_epochs))
+        self.total_steps = total_training_steps(cfg.trainer, per_epoch)
         self.global_step = 0
         self.weight_version = 0
 
@@ -563,7 +565,16 @@ class RLTrainer:
 
     # ----------------------------------------------------------------- loop
     def fit(self, num_steps: Optional[int] = None) -> list[dict[str, Any]]:
-        """Train until ``trainer.total_steps`` (or ``num_steps`` more steps); returns the metrics."""
+        """Train until ``trainer.total_steps`` (or ``num_steps`` more steps); returns the metrics.
+
+        With validation on (``trainer.test_freq > 0``) and ``trainer.val_before_train``, a first
+        row ``{"step": 0, "val/...": ...}`` records the starting point.
+        """
+        if self.global_step == 0 and self.val_dataset is not None and self.cfg.trainer.val_before_train:
+            # the starting point, as verl's val_before_train: a step-0 row with val/ metrics
+            start = {"step": 0, **self.validate()}
+            self._log(start)
+            tqdm.write(MetricsLog.console_line(start))
         end = self.total_steps if num_steps is None else min(self.total_steps, self.global_step + num_steps)
         bar = tqdm(
             total=self.total_steps, initial=self.global_step, desc="rlflow", unit="step",

@@ -22,7 +22,9 @@ pytestmark = pytest.mark.ray
 
 # Mistral and Gemma2 (sliding window 8 < prompt + response) train with packed rows, Qwen2 with
 # dynamic batching, the others with padded micro-batches.
-LAYOUT_OVERRIDES = {
+OVERRIDES = {
+    # validation on: trainer.val_before_train (default true) logs a step-0 row first
+    "llama": ["trainer.test_freq=2"],
     "mistral": ["actor.use_sequence_packing=true", "actor.max_tokens_per_microbatch=64"],
     "gemma2": ["actor.use_sequence_packing=true", "actor.max_tokens_per_microbatch=64"],
     "qwen2": ["actor.use_dynamic_bsz=true", "actor.max_tokens_per_microbatch=64"],
@@ -43,7 +45,7 @@ def test_grpo_steps_with_two_actor_ranks_then_export(ray_cluster, models, tmp_pa
         "trainer.save_freq=2", "trainer.progress_bar=false", "data.train_batch_size=4", "data.max_samples=16",
         "rollout.n=2", "actor.ppo_mini_batch_size=2", "actor.ppo_micro_batch_size_per_worker=2",
         "actor.log_prob_micro_batch_size_per_worker=4", "actor.use_kl_loss=false", "actor.optim.lr=1e-2",
-        *LAYOUT_OVERRIDES.get(arch, []),
+        *OVERRIDES.get(arch, []),
     ])
     trainer = rlflow.build_trainer(cfg)
     try:
@@ -53,6 +55,11 @@ def test_grpo_steps_with_two_actor_ranks_then_export(ray_cluster, models, tmp_pa
         live = ray.get(published[0][0])
     finally:
         trainer.close()
+    if arch == "llama":
+        first = history.pop(0)
+        assert first["step"] == 0 and 0.0 <= first["val/reward/mean"] <= 1.0
+        assert "reward/mean" not in first  # validation only, no training step
+        assert "val/reward/mean" in history[-1]
     assert [row["step"] for row in history] == [1, 2]
     for row in history:
         for key in ("actor/pg_loss", "actor/entropy", "actor/grad_norm"):
