@@ -105,3 +105,16 @@ def test_evaluate_errors_are_one_line(eval_inputs, capsys):
     assert err.count("\n") == 0 and "reward.custom_fn" in err
     assert main([model, data, "actor.optim.lr=1"]) == 2
     assert "only reward.* settings apply" in capsys.readouterr().err
+
+
+def test_configuration_page_covers_the_keys_and_is_linked():
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    page = (repo / "docs" / "configuration.md").read_text()
+    assert "docs/configuration.md" in (repo / "README.md").read_text()
+    for key in ("reward.custom_fn", "reward.fns", "solution_str", "skip_special_tokens", "reward/<key>",
+                "use_sequence_packing", "use_dynamic_bsz", "max_tokens_per_microbatch", "data.packer",
+                "data.custom_cls", "model.attn_implementation", "model.disable_dropout", "val_before_train",
+                "total_epochs", "Gemma2", "GPT-2"):
+        assert key in page, key
