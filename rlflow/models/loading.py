@@ -67,8 +67,9 @@ def load_model_config(model_cfg: Any, path: str) -> Any:
     padded ones.
     """
     config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
-    if model_cfg.get("disable_dropout", True):
-        for sub in [config, *(getattr(config, k) for k in getattr(config, "sub_configs", {}) or {})]:
+    if getattr(model_cfg, "disable_dropout", True) is not False:  # DictConfig, dataclass or missing
+        nested = [getattr(config, name, None) for name in getattr(config, "sub_configs", None) or {}]
+        for sub in [config, *(c for c in nested if c is not None)]:
             for key, value in list(vars(sub).items()):
                 if _is_dropout_key(key) and isinstance(value, float):
                     setattr(sub, key, 0.0)

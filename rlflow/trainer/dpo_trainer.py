@@ -34,6 +34,7 @@ from rlflow.data.prompt_batches import PromptBatches
 from rlflow.distributed.worker_group import WorkerGroup
 from rlflow.errors import ConfigError
 from rlflow.models.architecture import check_model_support
+from rlflow.models.loading import load_tokenizer
 from rlflow.trainer.config_checks import check_config
 from rlflow.trainer.preflight import preflight
 from rlflow.trainer.startup import (

@@ -47,9 +47,9 @@ from rlflow.demo.assets import resolve_demo_path
 from rlflow.distributed.worker_group import ShardedCall, WorkerGroup
 from rlflow.config.schema import typed_config
 from rlflow.errors import ConfigError
+from rlflow.models.architecture import check_model_support
 from rlflow.distributed.worker_group import WorkerDiedError
 from rlflow.trainer import checkpoint as ckpt
-from rlflow.models.architecture import check_model_support
 from rlflow.trainer.config_checks import check_config
 from rlflow.trainer.preflight import check_first_rows, preflight
 from rlflow.trainer.startup import (

@@ -1,7 +1,8 @@
 """Data-parallel training pieces shared by the FSDP2 workers (policy, DPO policy, critic).
 
 * :func:`shard_decoder_layers` wraps each decoder block (found by :func:`decoder_blocks`),
-  then the root, with FSDP2's ``fully_shard``: parameters are all-gathered one layer at a time in forward and backward.
+  then the root, with FSDP2's ``fully_shard``: parameters are all-gathered one block at a
+  time in forward and backward.
 * :func:`global_token_and_seq_counts` sums a mini-batch's token and sequence counts over
   ranks, the denominators of the globally normalised losses.
 * :func:`clip_and_step` clips the gradient norm and takes the optimiser step, skipping it
