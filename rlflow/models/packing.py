@@ -161,7 +161,8 @@ def _varlen_sdpa_attention(
     """Attention function for transformers' ``AttentionInterface``.
 
     With ``cu_seq_lens_q`` (a packed row, batch 1): causal sdpa on each sequence's slice, so
-    the cost is the sum of squared sequence lengths and the fused causal kernel is used.
+    the cost is the sum of squared sequence lengths and the fused causal kernel is used; a
+    sequence longer than the layer's ``sliding_window`` gets the banded mask instead.
     Without it: transformers' own sdpa attention, unchanged. Inputs are ``[B, heads, N, D]``;
     the output is ``[B, N, heads, D]`` as transformers expects.
     """
