@@ -55,11 +55,12 @@ def user_message(exc: BaseException) -> str:
 def run_summary(history: list, output_dir: str) -> str:
     """One line at the end of a run: how the reward moved, and where the metrics are."""
     rewards = [row["reward/mean"] for row in history if row.get("reward/mean") is not None]
+    steps = sum(1 for row in history if row.get("step", 0) > 0)  # a step-0 row is validation only
     if not rewards:
-        return f"[rlflow] done: {len(history)} steps; metrics in {output_dir}/metrics.jsonl"
+        return f"[rlflow] done: {steps} steps; metrics in {output_dir}/metrics.jsonl"
     head, tail = rewards[:10], rewards[-10:]
     return (
-        f"[rlflow] done: {len(history)} steps; reward/mean {sum(head) / len(head):.3f} over the first "
+        f"[rlflow] done: {steps} steps; reward/mean {sum(head) / len(head):.3f} over the first "
         f"{len(head)} steps -> {sum(tail) / len(tail):.3f} over the last {len(tail)}; "
         f"metrics in {output_dir}/metrics.jsonl"
     )

@@ -101,12 +101,28 @@ def compose_config(
         with initialize(version_base=None, config_path=None):
             cfg = compose(config_name=PRIMARY_CONFIG, overrides=hydra_overrides)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(_one_line(exc)) from exc
+        raise ConfigError(_one_line(exc, rest)) from exc
     finally:
         GlobalHydra.instance().clear()
     # "+key=value" adds keys even in struct mode, so compare against the schema explicitly.
     _reject_unknown_keys(cfg, schema, prefix="")
+    if schema is RLFlowConfig:
+        _epochs_beat_recipe_steps(cfg, rest)
     return cfg
+
+
+def _override_keys(overrides: Sequence[str]) -> set[str]:
+    return {item.partition("=")[0].lstrip("+~") for item in overrides}
+
+
+def _epochs_beat_recipe_steps(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """``trainer.total_epochs`` given on the command line wins over a recipe's
+    ``trainer.total_steps``: the recipe's step count is a default for the demo, not a cap the
+    user asked for. A ``trainer.total_steps`` the user gives wins over both (as verl's
+    ``total_training_steps`` wins over ``total_epochs``); the trainer says so in its log."""
+    keys = _override_keys(overrides)
+    if "trainer.total_epochs" in keys and "trainer.total_steps" not in keys:
+        cfg.trainer.total_steps = None
 
 
 def _reject_unknown_keys(node: Any, schema: type, prefix: str) -> None:
@@ -123,7 +139,7 @@ def _reject_unknown_keys(node: Any, schema: type, prefix: str) -> None:
             _reject_unknown_keys(node[key], field_type, prefix=f"{name}.")
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException, overrides: Sequence[str] = ()) -> str:
     """Hydra and OmegaConf messages span several lines; keep the part that names the key."""
     text = str(exc).strip()
     cause = exc.__cause__
@@ -137,8 +153,13 @@ def _one_line(exc: BaseException) -> str:
             f"unknown config key '{key}': check the spelling against "
             f"`python -m rlflow.main --cfg` (the full config with defaults)"
         )
-    if key_line and key_line.split(":", 1)[1].strip() not in first:
-        first = f"{first} (config key '{key_line.split(':', 1)[1].strip()}')"
+    key = key_line.split(":", 1)[1].strip() if key_line else None
+    if key and "is not a ListConfig" in first:
+        # e.g. data.train_files=train.parquet: Hydra needs brackets for a list
+        given = next((o.partition("=")[2] for o in overrides if o.partition("=")[0].lstrip("+~") == key), "VALUE")
+        return f"{key} takes a list, not a single value: write {key}=[{given}] (several: {key}=[a,b])"
+    if key and key not in first:
+        first = f"{first} (config key '{key}')"
     return first
 
 

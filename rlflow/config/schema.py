@@ -32,8 +32,13 @@ class ModelConfig:
     tokenizer_path: Optional[str] = None
     trust_remote_code: bool = False
     dtype: str = "float32"
-    attn_implementation: str = "sdpa"
+    # auto: sdpa where the model's transformers class supports it, else eager (Gemma2 ...);
+    # or eager, sdpa, flash_attention_2, flash_attention_3, flex_attention.
+    attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
+    # Zero every dropout rate of the model's config (as TRL does), so the update scores tokens
+    # exactly as the rollout and compute_log_prob do; false keeps the model's own dropout.
+    disable_dropout: bool = True
 
 
 @dataclass

@@ -10,11 +10,12 @@ import os
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from rlflow.demo.assets import resolve_demo_path
 from rlflow.errors import ConfigError
+from rlflow.models.architecture import model_class, resolve_attn_implementation
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,15 +51,49 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def _is_dropout_key(key: str) -> bool:
+    key = key.lower()
+    return "dropout" in key or "pdrop" in key or key.endswith("layerdrop")
+
+
+def load_model_config(model_cfg: Any, path: str) -> Any:
+    """The transformers config of the model folder ``path``; with ``model.disable_dropout``
+    every dropout probability in it is 0.
+
+    Modules read their dropout rates from the config when built, so zeroing them here turns
+    off every dropout (modules, functional calls, attention probabilities, layer drop) for
+    any architecture. Training with dropout would make the update's log-probs differ from
+    the rollout's and from ``compute_log_prob``, and packed or unpadded micro-batches from
+    padded ones.
+    """
+    config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    if getattr(model_cfg, "disable_dropout", True) is not False:  # DictConfig, dataclass or missing
+        nested = [getattr(config, name, None) for name in getattr(config, "sub_configs", None) or {}]
+        for sub in [config, *(c for c in nested if c is not None)]:
+            for key, value in list(vars(sub).items()):
+                if _is_dropout_key(key) and isinstance(value, float):
+                    setattr(sub, key, 0.0)
+    return config
+
+
 def load_causal_lm(model_cfg: Any, device: torch.device | str = "cpu") -> torch.nn.Module:
-    path = resolve_model_path(model_cfg.path)
+    return load_pretrained(model_cfg, resolve_model_path(model_cfg.path), device, AutoModelForCausalLM)
+
+
+def load_pretrained(model_cfg: Any, path: str, device: torch.device | str, auto_class: Any) -> torch.nn.Module:
+    """The model folder ``path`` loaded with ``auto_class`` (``AutoModelForCausalLM``,
+    ``AutoModel`` ...), with the attention implementation ``model.attn_implementation``
+    resolves to for its class, and dropout off unless ``model.disable_dropout=false``."""
     # One "Loading weights" bar per worker per role floods the driver's console through Ray.
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(
+    config = load_model_config(model_cfg, path)
+    cls = model_class(config, base=auto_class is not AutoModelForCausalLM)
+    model = auto_class.from_pretrained(
         path,
+        config=config,
         dtype=torch_dtype(model_cfg.dtype),
         trust_remote_code=model_cfg.trust_remote_code,
-        attn_implementation=model_cfg.attn_implementation,
+        attn_implementation=resolve_attn_implementation(model_cfg.attn_implementation, cls),
         use_safetensors=True,
     )
     return model.to(device)

@@ -23,6 +23,13 @@ attention per sequence from ``cu_seqlens`` (``enable_varlen_sdpa``), which costs
 pairs inside each sequence; or ``position_ids`` (no mask: transformers derives the
 sequences from restarting position ids, as its flash-attention path expects).
 
+Sliding-window attention (Mistral, Gemma2, Qwen2 with ``use_sliding_window`` ...): a 4-D
+mask would replace the window transformers builds, so the packed masks carry the window
+band themselves (``sliding_window_layout``); for models that mix full and sliding layers
+(Gemma2) the mask is a dict per layer type, as the model's forward accepts. ``varlen``
+applies the window each attention call passes. Logit soft-capping (Gemma2) lives in the
+eager attention function, which a packed mask does not touch.
+
 ``score_responses`` runs the model on any layout and returns per-token log-probs (and
 entropy) back in the ``[B, T]`` response layout, 0 where a token is not scored. The three
 layouts give the same numbers up to floating-point summation order.
@@ -49,6 +56,7 @@ __all__ = [
     "enable_varlen_sdpa",
     "mask_kind_for",
     "score_responses",
+    "sliding_window_layout",
 ]
 
 LAYOUTS = ("padded", "unpadded", "packed")
@@ -69,7 +77,8 @@ class ModelInputs:
 
     input_ids: torch.Tensor  # [R, W]
     position_ids: torch.Tensor  # [R, W]
-    attention_mask: Optional[torch.Tensor]  # [R, W] 0/1, [1, 1, W, W] 4-D, or None
+    # [R, W] 0/1, [1, 1, W, W] 4-D, {layer type: 4-D} (packed, mixed sliding layers), or None
+    attention_mask: Optional[torch.Tensor | dict[str, torch.Tensor]]
     keep: torch.Tensor  # [R, W] bool
     targets: torch.Tensor  # [K] token ids
     scatter: torch.Tensor  # [B, T] bool, K entries True
@@ -104,8 +113,23 @@ def _check_rows(
         )
 
 
-def block_causal_mask(doc_ids: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
-    """``[1, 1, N, N]`` mask: query ``i`` sees key ``j`` iff ``j <= i`` and same document.
+def causal_band(n: int, window: Optional[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[n, n]`` bool: key ``j`` visible to query ``i`` iff ``j <= i`` and, with a sliding
+    ``window``, ``i - j < window`` (transformers' convention: the query and the
+    ``window - 1`` tokens before it)."""
+    index = torch.arange(n, device=device)
+    distance = index[:, None] - index[None, :]
+    allowed = distance >= 0
+    if window is not None:
+        allowed &= distance < window
+    return allowed
+
+
+def block_causal_mask(
+    doc_ids: torch.Tensor, kind: str, dtype: torch.dtype, sliding_window: Optional[int] = None
+) -> torch.Tensor:
+    """``[1, 1, N, N]`` mask: query ``i`` sees key ``j`` iff ``j <= i``, same document and,
+    with ``sliding_window``, ``i - j < sliding_window``.
 
     ``doc_ids`` is ``[N]``. ``kind`` ``"bool"`` gives True where attention is allowed;
     ``"additive"`` gives 0 there and the most negative ``dtype`` value elsewhere (a finite
@@ -114,7 +138,7 @@ def block_causal_mask(doc_ids: torch.Tensor, kind: str, dtype: torch.dtype) -> t
     if kind not in ("bool", "additive"):
         raise ValueError(f"block_causal_mask: kind must be 'bool' or 'additive', got {kind!r}")
     n = doc_ids.shape[0]
-    causal = torch.ones(n, n, dtype=torch.bool, device=doc_ids.device).tril()
+    causal = causal_band(n, sliding_window, doc_ids.device)
     allowed = causal & (doc_ids[:, None] == doc_ids[None, :])
     if kind == "bool":
         return allowed[None, None]
@@ -137,7 +161,8 @@ def _varlen_sdpa_attention(
     """Attention function for transformers' ``AttentionInterface``.
 
     With ``cu_seq_lens_q`` (a packed row, batch 1): causal sdpa on each sequence's slice, so
-    the cost is the sum of squared sequence lengths and the fused causal kernel is used.
+    the cost is the sum of squared sequence lengths and the fused causal kernel is used; a
+    sequence longer than the layer's ``sliding_window`` gets the banded mask instead.
     Without it: transformers' own sdpa attention, unchanged. Inputs are ``[B, heads, N, D]``;
     the output is ``[B, N, heads, D]`` as transformers expects.
     """
@@ -151,26 +176,27 @@ def _varlen_sdpa_attention(
         )
     if query.shape[0] != 1:
         raise ValueError(f"varlen packed attention needs one packed row, got batch {query.shape[0]}")
-    edges = bounds.tolist()
-    longest = max((b - a for a, b in zip(edges[:-1], edges[1:])), default=0)
-    window = kwargs.get("sliding_window")
-    if kwargs.get("softcap") is not None or (window is not None and longest > window):
-        # plain causal sdpa per sequence would silently ignore these; refuse instead
+    if kwargs.get("softcap") is not None:
+        # sdpa cannot soft-cap attention logits; silently skipping it would change the model
         raise NotImplementedError(
-            "varlen packed attention does full causal attention only (no logit softcap, no "
-            "sliding window shorter than a sequence): set model.attn_implementation=eager, "
-            "or turn sequence packing off"
+            "varlen packed attention cannot soft-cap attention logits: set "
+            "model.attn_implementation=eager, or turn sequence packing off"
         )
+    edges = bounds.tolist()
+    window = kwargs.get("sliding_window")
     gqa = query.shape[1] != key.shape[1]
     dropout_p = dropout if module.training else 0.0
-    parts = [
-        F.scaled_dot_product_attention(
-            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
-            dropout_p=dropout_p, is_causal=True, scale=scaling, enable_gqa=gqa,
-        )
-        for a, b in zip(edges[:-1], edges[1:])
-        if b > a
-    ]
+    parts = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        if b <= a:
+            continue
+        # A sequence longer than the sliding window needs the band; shorter ones run the
+        # fused causal kernel.
+        band = causal_band(b - a, window, query.device) if window is not None and b - a > window else None
+        parts.append(F.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], attn_mask=band,
+            dropout_p=dropout_p, is_causal=band is None, scale=scaling, enable_gqa=gqa,
+        ))
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 
@@ -191,6 +217,23 @@ def enable_varlen_sdpa(model: torch.nn.Module) -> bool:
     AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)
     model.set_attn_implementation(VARLEN_SDPA)
     return config._attn_implementation == VARLEN_SDPA
+
+
+def sliding_window_layout(config: object) -> tuple[Optional[int], bool]:
+    """``(window, per_layer_type)`` of a transformers config: the sliding window its attention
+    applies (None: full attention everywhere), and whether only some layers slide
+    (``layer_types`` mixing ``full_attention`` and ``sliding_attention``), so that packed masks
+    must be given per layer type."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None, False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:  # Mistral, Phi-3 ...: every layer slides
+        return int(window), False
+    kinds = set(layer_types)
+    if "sliding_attention" not in kinds:
+        return None, False
+    return int(window), kinds != {"sliding_attention"}
 
 
 def mask_kind_for(model: torch.nn.Module) -> str:
@@ -214,11 +257,15 @@ def build_model_inputs(
     round_to: int = 1,
     mask_kind: str = "bool",
     mask_dtype: torch.dtype = torch.float32,
+    sliding_window: Optional[int] = None,
+    per_layer_type: bool = False,
 ) -> ModelInputs:
     """Arrange rows in ``layout`` (see the module docstring).
 
     ``round_to`` rounds the width of ``unpadded`` rows up to a multiple (kernel-friendly
-    shapes); ``mask_kind`` (one of ``MASK_KINDS``) and ``mask_dtype`` apply to ``packed``.
+    shapes); ``mask_kind`` (one of ``MASK_KINDS``) and ``mask_dtype`` apply to ``packed``, and
+    so do ``sliding_window`` and ``per_layer_type`` (from ``sliding_window_layout``) for the
+    ``bool`` and ``additive`` masks.
     Position ids of valid tokens are taken from ``position_ids``, so a packed sequence keeps
     the positions it had in its own row (0, 1, ... for left-padded prompts).
     """
@@ -275,7 +322,10 @@ def build_model_inputs(
     keep = torch.zeros(1, total, dtype=torch.bool, device=device)
     keep[0, (offsets[:, None] + source)[scatter]] = True
     if mask_kind in ("bool", "additive"):
-        return ModelInputs(ids, pos, block_causal_mask(doc, mask_kind, mask_dtype), keep, targets, scatter)
+        mask = block_causal_mask(doc, mask_kind, mask_dtype, sliding_window)
+        if per_layer_type:
+            mask = {"sliding_attention": mask, "full_attention": block_causal_mask(doc, mask_kind, mask_dtype)}
+        return ModelInputs(ids, pos, mask, keep, targets, scatter)
     cu_seqlens = None
     if mask_kind == "varlen":
         cu_seqlens = torch.cat([offsets, lengths.sum().reshape(1)]).to(torch.int32)

@@ -33,9 +33,13 @@ from rlflow.data.preference_dataset import PreferenceDataset, collate_preference
 from rlflow.data.prompt_batches import PromptBatches
 from rlflow.distributed.worker_group import WorkerGroup
 from rlflow.errors import ConfigError
+from rlflow.models.architecture import check_model_support
+from rlflow.models.loading import load_tokenizer
 from rlflow.trainer.config_checks import check_config
 from rlflow.trainer.preflight import preflight
-from rlflow.trainer.startup import build_pool, init_ray_from_config, log_workers, prepare_output_dir, wait_ready
+from rlflow.trainer.startup import (
+    build_pool, init_ray_from_config, log_workers, prepare_output_dir, total_training_steps, wait_ready,
+)
 from rlflow.trainer.tracking import MetricsLog, PhaseTimer
 from rlflow.workers.dpo_policy import DPOPolicyWorker
 
@@ -45,6 +49,7 @@ class DPOTrainer:
 
     def __init__(self, cfg: DictConfig) -> None:
         check_config(cfg)
+        check_model_support(cfg)
         if cfg.trainer.algorithm != "dpo":
             raise ConfigError(
                 f"DPOTrainer runs trainer.algorithm=dpo, got '{cfg.trainer.algorithm}': use "
@@ -60,7 +65,7 @@ class DPOTrainer:
         self.batches = PromptBatches(
             len(self.train_dataset), int(cfg.data.train_batch_size), bool(cfg.data.shuffle), int(cfg.data.seed)
         )
-        self.total_steps = int(cfg.trainer.total_steps or self.batches.batches_per_epoch * int(cfg.trainer.total_epochs))
+        self.total_steps = total_training_steps(cfg.trainer, self.batches.batches_per_epoch)
         self.global_step = 0
         self._val_ref_logps: Optional[torch.Tensor] = None
 

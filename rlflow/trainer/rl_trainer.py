@@ -47,11 +47,14 @@ from rlflow.demo.assets import resolve_demo_path
 from rlflow.distributed.worker_group import ShardedCall, WorkerGroup
 from rlflow.config.schema import typed_config
 from rlflow.errors import ConfigError
+from rlflow.models.architecture import check_model_support
 from rlflow.distributed.worker_group import WorkerDiedError
 from rlflow.trainer import checkpoint as ckpt
 from rlflow.trainer.config_checks import check_config
 from rlflow.trainer.preflight import check_first_rows, preflight
-from rlflow.trainer.startup import build_pool, init_ray_from_config, log_workers, prepare_output_dir, wait_ready
+from rlflow.trainer.startup import (
+    build_pool, init_ray_from_config, log_workers, prepare_output_dir, total_training_steps, wait_ready,
+)
 from rlflow.trainer.trackers import build_trackers
 from rlflow.trainer.tracking import MetricsLog, PhaseTimer
 from rlflow.utils.torch_functional import masked_mean
@@ -100,6 +103,7 @@ class RLTrainer:
         """``reward_fn``, ``train_dataset`` and ``packer`` are Python objects that replace the
         config's ``reward.*``, ``data.custom_cls`` and ``data.packer`` (handy in notebooks)."""
         check_config(cfg)
+        check_model_support(cfg)
         if cfg.trainer.algorithm != "rl":
             raise ConfigError(
                 f"RLTrainer runs trainer.algorithm=rl, got '{cfg.trainer.algorithm}': use "
@@ -120,7 +124,7 @@ class RLTrainer:
             len(self.train_dataset), int(cfg.data.train_batch_size), bool(cfg.data.shuffle), int(cfg.data.seed)
         )
         per_epoch = self.batches.batches_per_epoch
-        self.total_steps = int(cfg.trainer.total_steps or per_epoch * int(cfg.trainer.total_epochs))
+        self.total_steps = total_training_steps(cfg.trainer, per_epoch)
         self.global_step = 0
         self.weight_version = 0
 
@@ -561,7 +565,16 @@ class RLTrainer:
 
     # ----------------------------------------------------------------- loop
     def fit(self, num_steps: Optional[int] = None) -> list[dict[str, Any]]:
-        """Train until ``trainer.total_steps`` (or ``num_steps`` more steps); returns the metrics."""
+        """Train until ``trainer.total_steps`` (or ``num_steps`` more steps); returns the metrics.
+
+        With validation on (``trainer.test_freq > 0``) and ``trainer.val_before_train``, a first
+        row ``{"step": 0, "val/...": ...}`` records the starting point.
+        """
+        if self.global_step == 0 and self.val_dataset is not None and self.cfg.trainer.val_before_train:
+            # the starting point, as verl's val_before_train: a step-0 row with val/ metrics
+            start = {"step": 0, **self.validate()}
+            self._log(start)
+            tqdm.write(MetricsLog.console_line(start))
         end = self.total_steps if num_steps is None else min(self.total_steps, self.global_step + num_steps)
         bar = tqdm(
             total=self.total_steps, initial=self.global_step, desc="rlflow", unit="step",

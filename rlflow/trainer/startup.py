@@ -111,6 +111,28 @@ def prepare_output_dir(cfg: DictConfig) -> tuple[str, RunLock]:
     return output_dir, lock
 
 
+def total_training_steps(trainer_cfg: Any, batches_per_epoch: int) -> int:
+    """``trainer.total_steps`` when set, else ``trainer.total_epochs`` passes over the data.
+
+    As in verl (``total_training_steps`` over ``total_epochs``), a step count wins; when the
+    epochs were changed from their default too, one line says which one the run follows. (A
+    recipe's step count yields to epochs given on the command line, see ``compose_config``.)
+    """
+    epochs = int(trainer_cfg.total_epochs)
+    if not trainer_cfg.total_steps:  # None (or 0): count epochs
+        return batches_per_epoch * epochs
+    steps = int(trainer_cfg.total_steps)
+    if epochs != 1:
+        line = (
+            f"[rlflow] trainer.total_steps={steps} and trainer.total_epochs={epochs} are both set: "
+            f"the run takes {steps} steps ({batches_per_epoch} per epoch); set trainer.total_steps=null "
+            f"to train for {epochs} epochs"
+        )
+        logger.warning(line)
+        tqdm.write(line)
+    return steps
+
+
 def init_ray_from_config(cluster: Any) -> dict[str, float]:
     """Start or join Ray as the ``cluster.*`` config section says; returns the cluster's
     resources. ``cluster.env_vars`` become the job's runtime environment variables."""

@@ -30,7 +30,7 @@ from transformers import AutoModel
 from rlflow.config.schema import typed_config
 from rlflow.algorithms.losses import value_loss_clipped
 from rlflow.data.batched_data_dict import BatchedDataDict
-from rlflow.models.loading import resolve_model_path, torch_dtype
+from rlflow.models.loading import load_pretrained, resolve_model_path
 from rlflow.optim import build_lr_scheduler, build_optimizer
 from rlflow.utils.torch_functional import masked_mean
 from rlflow.workers.base import Worker
@@ -64,13 +64,7 @@ class ValueModel(torch.nn.Module):
 
 def load_value_model(model_cfg: Any, path: str, device: torch.device | str = "cpu") -> ValueModel:
     """Backbone of the HF checkpoint at ``path`` (a causal LM folder is fine) with a zero head."""
-    backbone = AutoModel.from_pretrained(
-        resolve_model_path(path),
-        dtype=torch_dtype(model_cfg.dtype),
-        trust_remote_code=model_cfg.trust_remote_code,
-        attn_implementation=model_cfg.attn_implementation,
-        use_safetensors=True,
-    )
+    backbone = load_pretrained(model_cfg, resolve_model_path(path), device, AutoModel)
     hidden_size = getattr(backbone.config, "hidden_size", None)
     if hidden_size is None:
         raise ValueError(
@@ -97,11 +91,7 @@ class CriticWorker(Worker):
         if self.cfg.model.gradient_checkpointing:
             model.backbone.gradient_checkpointing_enable()
         if self.world_size > 1:
-            model = shard_decoder_layers(
-                model,
-                model.backbone,
-                "the critic backbone must expose .layers (Llama, Qwen2, Mistral ... do)",
-            )
+            model = shard_decoder_layers(model, "critic.num_workers=1")
         self.model = model
         self.model.train()
         self.optimizer = build_optimizer(self.model.parameters(), ccfg.optim)

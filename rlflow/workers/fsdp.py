@@ -1,7 +1,8 @@
 """Data-parallel training pieces shared by the FSDP2 workers (policy, DPO policy, critic).
 
-* :func:`shard_decoder_layers` wraps each decoder layer, then the root, with FSDP2's
-  ``fully_shard``: parameters are all-gathered one layer at a time in forward and backward.
+* :func:`shard_decoder_layers` wraps each decoder block (found by :func:`decoder_blocks`),
+  then the root, with FSDP2's ``fully_shard``: parameters are all-gathered one block at a
+  time in forward and backward.
 * :func:`global_token_and_seq_counts` sums a mini-batch's token and sequence counts over
   ranks, the denominators of the globally normalised losses.
 * :func:`clip_and_step` clips the gradient norm and takes the optimiser step, skipping it
@@ -21,24 +22,43 @@ from rlflow.algorithms.losses import count_tokens_and_seqs
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 
-def shard_decoder_layers(model: ModuleT, layers_owner: torch.nn.Module, requirement: str) -> ModuleT:
-    """``fully_shard`` every module in ``layers_owner.layers``, then ``model``; returns ``model``.
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder blocks of ``model``, found the way transformers declares them.
 
-    ``layers_owner`` is the part of ``model`` that holds the decoder layers (the model
-    itself, its ``.model`` or its backbone). Raises ValueError when it has no ``layers``,
-    ending with ``requirement`` (what the caller's model must expose). Needs an initialised
-    process group.
+    Every transformers model class lists the module classes that must stay whole when the
+    model is split (``_no_split_modules``: ``LlamaDecoderLayer``, ``GPT2Block`` ...); those
+    are its repeated blocks wherever they sit (``model.layers``, ``transformer.h``,
+    ``model.decoder.layers``). Blocks nested inside another block are left to the outer one.
+    """
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    blocks: list[torch.nn.Module] = []
+    taken: list[str] = []
+    for path, module in model.named_modules():
+        if type(module).__name__ in names and not any(path.startswith(p + ".") for p in taken):
+            blocks.append(module)
+            taken.append(path)
+    return blocks
+
+
+def shard_decoder_layers(model: ModuleT, setting: str) -> ModuleT:
+    """``fully_shard`` every decoder block of ``model`` (:func:`decoder_blocks`), then
+    ``model``; returns ``model``.
+
+    Raises ValueError when the model declares no blocks, naming ``setting`` (the config key
+    that avoids sharding, e.g. ``actor.num_workers=1``). Needs an initialised process group.
     """
     from torch.distributed.fsdp import fully_shard
 
-    layers = getattr(layers_owner, "layers", None)
-    if layers is None:
+    blocks = decoder_blocks(model)
+    if not blocks:
         raise ValueError(
-            f"cannot find the decoder layers of {type(layers_owner).__name__} for FSDP2 "
-            f"sharding: {requirement}"
+            f"cannot shard {type(model).__name__} with FSDP2: its transformers class declares "
+            f"no decoder blocks (_no_split_modules); set {setting}"
         )
-    for layer in layers:
-        fully_shard(layer)
+    for block in blocks:
+        fully_shard(block)
     fully_shard(model)
     return model
 

@@ -37,6 +37,7 @@ from rlflow.models.packing import (
     enable_varlen_sdpa,
     mask_kind_for,
     score_responses,
+    sliding_window_layout,
 )
 from rlflow.optim import build_lr_scheduler, build_optimizer
 from rlflow.workers.base import Worker
@@ -66,13 +67,10 @@ class PolicyWorker(Worker):
         # sdpa as is), otherwise a block-diagonal mask in the form the attention kernel takes.
         enable_varlen_sdpa(model)
         self.mask_kind = mask_kind_for(model)
+        self.sliding_window, self.per_layer_type_masks = sliding_window_layout(model.config)
         self.param_dtype = next(model.parameters()).dtype
         if self.world_size > 1:
-            model = shard_decoder_layers(
-                model,
-                getattr(model, "model", model),
-                "the model must expose model.layers (Llama, Qwen2, Mistral, Gemma ... do)",
-            )
+            model = shard_decoder_layers(model, f"{role}.num_workers=1")
         self.model = model
         self.temperature = float(self.cfg.rollout.temperature) or 1.0
 
@@ -172,6 +170,8 @@ class PolicyWorker(Worker):
             round_to=int(self._role_cfg().sequence_length_round) if layout == "unpadded" else 1,
             mask_kind=self.mask_kind,
             mask_dtype=self.param_dtype,
+            sliding_window=self.sliding_window,
+            per_layer_type=self.per_layer_type_masks,
         )
         return score_responses(self.model, inputs, self.temperature, with_entropy)
 

@@ -15,6 +15,7 @@ from rlflow.models.packing import (
     enable_varlen_sdpa,
     mask_kind_for,
     score_responses,
+    sliding_window_layout,
 )
 from rlflow.utils.torch_functional import compute_position_ids
 from rlflow.workers.policy import _split_to_count
@@ -244,11 +245,71 @@ def test_varlen_attention_refuses_what_it_cannot_do():
     q = torch.randn(1, 2, 6, 4)
     bounds = torch.tensor([0, 2, 6], dtype=torch.int32)
     module = torch.nn.Module()
+    full, _ = packing._varlen_sdpa_attention(module, q, q, q, None, cu_seq_lens_q=bounds)
     out, _ = packing._varlen_sdpa_attention(module, q, q, q, None, cu_seq_lens_q=bounds, sliding_window=4)
-    assert out.shape == (1, 6, 2, 4)  # a window as long as every sequence changes nothing
-    with pytest.raises(NotImplementedError, match="sliding window"):
-        packing._varlen_sdpa_attention(module, q, q, q, None, cu_seq_lens_q=bounds, sliding_window=3)
-    with pytest.raises(NotImplementedError, match="softcap"):
+    assert torch.equal(out, full)  # a window as long as every sequence changes nothing
+    banded, _ = packing._varlen_sdpa_attention(module, q, q, q, None, cu_seq_lens_q=bounds, sliding_window=3)
+    # the last query of the 4-token sequence sees its 3 newest keys only
+    keys = q[0, :, 3:6].transpose(0, 1)  # [3, heads, D]
+    weights = torch.einsum("hd,khd->hk", q[0, :, 5], keys).div(2.0).softmax(-1)
+    expected = torch.einsum("hk,khd->hd", weights, keys)
+    assert torch.allclose(banded[0, 5], expected, atol=1e-6)
+    assert torch.equal(banded[0, :5], full[0, :5])
+    with pytest.raises(NotImplementedError, match="soft-cap"):
         packing._varlen_sdpa_attention(module, q, q, q, None, cu_seq_lens_q=bounds, softcap=30.0)
     with pytest.raises(ValueError, match="one packed row"):
         packing._varlen_sdpa_attention(module, q.expand(2, -1, -1, -1), q, q, None, cu_seq_lens_q=bounds)
+
+
+def sliding_window_model(arch: str, attn: str) -> torch.nn.Module:
+    """A tiny random model whose sliding window (4) is shorter than the test sequences:
+    Mistral (every layer slides), Gemma2 (alternating sliding / full layers, soft-capped
+    attention logits) or Qwen2 (sliding from the second layer on)."""
+    from transformers import Gemma2Config, MistralConfig, Qwen2Config
+
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        sliding_window=4,
+    )
+    if arch == "mistral":
+        config = MistralConfig(**common)
+    elif arch == "gemma2":
+        config = Gemma2Config(**common, head_dim=16, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
+    else:
+        config = Qwen2Config(**common, use_sliding_window=True, max_window_layers=1)
+    impl = "sdpa" if attn == "varlen" else attn
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=impl).eval()
+    if attn == "varlen":
+        assert enable_varlen_sdpa(model)
+    return model
+
+
+@pytest.mark.parametrize(
+    "arch,attn",
+    [("mistral", "eager"), ("mistral", "varlen"), ("gemma2", "eager"), ("qwen2", "eager"), ("qwen2", "varlen")],
+)
+def test_packed_sliding_window_matches_unpacked(arch, attn):
+    model = sliding_window_model(arch, attn)
+    window, per_layer_type = sliding_window_layout(model.config)
+    assert window == 4 and per_layer_type == (arch != "mistral")
+    torch.manual_seed(3)
+    prompts, responses = [6, 2, 9, 4], [7, 5, 8, 1]  # most rows longer than the window
+    ids, mask, pos, resp = ragged_rows(101, prompts, responses, 10, 8)
+    ref_lp, _ = naive_scores(model, ids, mask, prompts, responses, 10, 8)
+    valid = mask[:, 10:].bool()
+    padded_lp, _ = score(model, ids, mask, pos, resp, "padded")
+    assert torch.allclose(padded_lp[valid], ref_lp[valid], atol=TOL, rtol=0)
+    inputs = build_model_inputs(
+        ids, mask, pos, resp, "packed", mask_kind=mask_kind_for(model),
+        sliding_window=window, per_layer_type=per_layer_type,
+    )
+    with torch.no_grad():
+        packed_lp, _ = score_responses(model, inputs)
+    assert (packed_lp - padded_lp).abs().max() <= TOL
+    # the window matters here: a packed mask without it scores differently
+    if attn == "eager":
+        plain = build_model_inputs(ids, mask, pos, resp, "packed", mask_kind="additive")
+        with torch.no_grad():
+            assert (score_responses(model, plain)[0] - padded_lp).abs().max() > 1e-3
