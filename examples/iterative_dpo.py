@@ -36,7 +36,7 @@ def run_round(policy: str, round_dir: str, args: argparse.Namespace) -> str:
     trainer = rlflow.build_trainer(cfg)
     try:
         trainer.fit()
-        return export_from_actor_group(trainer.groups["actor"], cfg.model, os.path.join(round_dir, "policy"))
+        return export_from_actor_group(trainer.groups["actor"], cfg, os.path.join(round_dir, "policy"))
     finally:
         trainer.close()
 

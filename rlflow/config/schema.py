@@ -131,6 +131,29 @@ class OptimConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on the actor (see docs/lora.md). On when ``rank > 0`` or ``enable``.
+
+    With LoRA the base weights stay frozen, the reference policy is the base with the adapters
+    off (no ref workers), a weight sync ships the adapters only, and checkpoints hold the
+    adapters and their optimiser state.
+    """
+
+    enable: bool = False
+    # 0 turns LoRA off unless enable is true.
+    rank: int = 0
+    # Adapters are scaled by alpha / rank.
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # "all-linear" (every Linear layer but the output head) or a list of layer names
+    # such as [q_proj, v_proj].
+    target_modules: Any = "all-linear"
+    # What a weight sync ships to the rollout engines: "adapters" (the rollout side applies
+    # them to its own base copy) or "merged" (full weights with the adapters merged in).
+    sync: str = "adapters"
+
+
+@dataclass
 class ActorConfig:
     num_workers: int = 2
     cpus_per_worker: float = 0.5
@@ -170,6 +193,7 @@ class ActorConfig:
     max_tokens_per_microbatch: int = 4096
     sequence_length_round: int = 8
     packing_algorithm: str = "first_fit_decreasing"
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

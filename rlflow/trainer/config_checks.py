@@ -66,6 +66,9 @@ def check_config(cfg: DictConfig) -> None:
         check_dpo_config(cfg)
     else:
         check_rl_config(cfg)
+    from rlflow.models.lora import check_lora_config
+
+    check_lora_config(cfg)
 
 
 def check_rl_config(cfg: DictConfig) -> None:

@@ -35,6 +35,7 @@ from rlflow.distributed.worker_group import WorkerGroup
 from rlflow.errors import ConfigError
 from rlflow.models.architecture import check_model_support
 from rlflow.models.loading import load_tokenizer
+from rlflow.models.lora import lora_enabled
 from rlflow.trainer.config_checks import check_config
 from rlflow.trainer.preflight import preflight
 from rlflow.trainer.startup import (
@@ -67,6 +68,8 @@ class DPOTrainer:
         )
         self.total_steps = total_training_steps(cfg.trainer, self.batches.batches_per_epoch)
         self.global_step = 0
+        # With LoRA the reference policy is the actor's own frozen base (adapters off).
+        self.ref_in_actor = lora_enabled(cfg.actor.lora)
         self._val_ref_logps: Optional[torch.Tensor] = None
 
         self.groups: dict[str, WorkerGroup] = {}
@@ -97,10 +100,10 @@ class DPOTrainer:
     def _build_worker_groups(self) -> None:
         cfg = self.cfg
         typed = typed_config(cfg)
-        for role, role_cfg, kwargs in (
-            ("actor", cfg.actor, {"role": "actor", "total_steps": self.total_steps}),
-            ("ref", cfg.ref, {"role": "ref"}),
-        ):
+        roles = [("actor", cfg.actor, {"role": "actor", "total_steps": self.total_steps})]
+        if not self.ref_in_actor:
+            roles.append(("ref", cfg.ref, {"role": "ref"}))
+        for role, role_cfg, kwargs in roles:
             pool = build_pool(role, role_cfg)
             self.groups[role] = WorkerGroup(
                 DPOPolicyWorker, role, pool, init_kwargs={"config": typed, **kwargs}, wait=False
@@ -111,10 +114,13 @@ class DPOTrainer:
         return collate_preference([dataset[i] for i in indices], dataset.pad_token_id)
 
     def _sequence_log_probs(self, role: str, batch: BatchedDataDict) -> torch.Tensor:
+        flag = {"reference": True} if role == "ref" and self.ref_in_actor else {}
+        if flag:
+            role = "actor"  # LoRA: the actor's workers score the reference policy
         role_cfg = self.cfg.actor if role == "actor" else self.cfg.ref
         out = self.groups[role].call_sharded(
             "compute_sequence_log_probs", batch,
-            micro_batch_size=int(role_cfg.log_prob_micro_batch_size_per_worker),
+            micro_batch_size=int(role_cfg.log_prob_micro_batch_size_per_worker), **flag,
         )
         return out["logps"]
 

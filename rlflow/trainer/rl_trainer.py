@@ -48,6 +48,7 @@ from rlflow.distributed.worker_group import ShardedCall, WorkerGroup
 from rlflow.config.schema import typed_config
 from rlflow.errors import ConfigError
 from rlflow.models.architecture import check_model_support
+from rlflow.models.lora import lora_enabled
 from rlflow.distributed.worker_group import WorkerDiedError
 from rlflow.trainer import checkpoint as ckpt
 from rlflow.trainer.config_checks import check_config
@@ -132,6 +133,8 @@ class RLTrainer:
         self.use_critic = alg.adv_estimator == "gae"
         self.use_kl_in_reward = bool(alg.use_kl_in_reward)
         self.use_ref = bool(cfg.actor.use_kl_loss) or self.use_kl_in_reward
+        # With LoRA the reference policy is the actor's own frozen base (adapters off).
+        self.ref_in_actor = self.use_ref and lora_enabled(cfg.actor.lora)
         # The controller lives in the driver: its coefficient is one number per step.
         self.kl_ctrl = build_kl_controller(alg.kl_ctrl) if self.use_kl_in_reward else None
 
@@ -207,7 +210,7 @@ class RLTrainer:
         self.groups["actor"] = group(
             PolicyWorker, "actor", cfg.actor, role="actor", total_steps=self._optimizer_steps(cfg.actor, actor_steps)
         )
-        if self.use_ref:
+        if self.use_ref and not self.ref_in_actor:
             self.groups["ref"] = group(PolicyWorker, "ref", cfg.ref, role="ref")
         if self.use_critic:
             self.groups["critic"] = group(
@@ -488,12 +491,16 @@ class RLTrainer:
         return mini_batch_per_worker(role_cfg.ppo_mini_batch_size, self.cfg.rollout.n, role_cfg.num_workers)
 
     def _start_log_probs(self, role: str, batch: BatchedDataDict) -> ShardedCall:
+        reference = role == "ref" and self.ref_in_actor
+        if reference:
+            role = "actor"  # LoRA: the actor's workers score the reference policy
         wg = self.groups[role]
         role_cfg = self.cfg.actor if role == "actor" else self.cfg.ref
         shard = -(-batch.size // wg.world_size)
         # Micro-batches must tile the shard exactly; a filtered batch can have any size.
         micro = largest_divisor_at_most(shard, int(role_cfg.log_prob_micro_batch_size_per_worker))
-        return self._start_call(role, "compute_log_prob", batch, micro_batch_size=micro)
+        flag = {"reference": True} if reference else {}
+        return self._start_call(role, "compute_log_prob", batch, micro_batch_size=micro, **flag)
 
     def _needs_old_log_probs(self) -> bool:
         if self.use_kl_in_reward:
@@ -597,7 +604,7 @@ class RLTrainer:
         if self.cfg.trainer.export_hf:
             from rlflow.export import export_from_actor_group
 
-            path = export_from_actor_group(self.groups["actor"], self.cfg.model, os.path.join(self.output_dir, "hf_model"))
+            path = export_from_actor_group(self.groups["actor"], self.cfg, os.path.join(self.output_dir, "hf_model"))
             tqdm.write(f"[rlflow] exported the policy as a Hugging Face model: {path}")
         return self.metrics.history
 

@@ -1,7 +1,9 @@
 """Save and restore a trainable worker's state inside a checkpoint folder.
 
 Weights are gathered to full tensors and written by rank 0 as ``model.safetensors`` (so a
-checkpoint's weights are also a loadable HF state dict); the optimiser state is gathered the
+checkpoint's weights are also a loadable HF state dict). A model with frozen parameters (LoRA:
+a frozen base with trainable adapters) stores only its trainable weights: the frozen ones are
+those of ``model.path``, unchanged. The optimiser state is gathered the
 same way (``optimizer.pt``, plain tensors, read back with ``weights_only=True``) and broadcast
 from rank 0 on load, so a run can resume on the same number of workers. Every rank writes its
 own RNG state. Works for FSDP2-sharded and plain modules.
@@ -33,6 +35,23 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
+def _frozen_part(model: torch.nn.Module) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
+
+
+def checkpoint_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores: all weights, or only the trainable ones when part of the model
+    is frozen (a collective when sharded: every rank must call it)."""
+    if not _frozen_part(model):
+        return full_model_state(model)
+    out = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            full = param.full_tensor() if hasattr(param, "full_tensor") else param
+            out[name] = full.detach().cpu().clone()
+    return out
+
+
 def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses tensors that share memory (tied embeddings); keep the first name.
     seen: dict[int, str] = {}
@@ -56,7 +75,7 @@ def save_worker_state(
 ) -> None:
     """All ranks call this; rank 0 writes the shared files, each rank its RNG state."""
     os.makedirs(folder, exist_ok=True)
-    weights = full_model_state(model)
+    weights = checkpoint_weights(model)
     optim_state = None
     if optimizer is not None:
         if _is_sharded(model):
@@ -120,7 +139,10 @@ def load_worker_state(
 
 
 def _check_loaded(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    expected = set(model.state_dict().keys())
+    if _frozen_part(model):
+        expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    else:
+        expected = set(model.state_dict().keys())
     missing = [k for k in expected if k not in weights and not k.endswith("lm_head.weight")]
     if missing:
         raise RuntimeError(f"checkpoint weights lack {len(missing)} parameters, e.g. {missing[:3]}")

@@ -6,7 +6,8 @@ rows, row ``2k`` the chosen and row ``2k + 1`` the rejected sequence of pair ``k
 ``loss_mask`` that is 1 on answer tokens. A sequence's log-prob is the sum, over answer
 tokens, of ``log p(token | everything before it)`` at temperature 1.
 
-Both roles use this class: the actor (trainable) and the frozen reference (``role="ref"``).
+Both roles use this class: the actor (trainable) and the frozen reference (``role="ref"``);
+with LoRA (``actor.lora``) the actor scores the reference itself, its adapters off.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.distributed as dist
 
 from rlflow.algorithms.losses import dpo_loss
 from rlflow.data.batched_data_dict import BatchedDataDict
+from rlflow.models.lora import adapters_disabled
 from rlflow.utils.torch_functional import logprobs_from_logits
 from rlflow.workers.fsdp import clip_and_step
 from rlflow.workers.policy import PolicyWorker
@@ -57,9 +59,15 @@ class DPOPolicyWorker(PolicyWorker):
             yield batch.slice(start, min(start + size, batch.size))
 
     @torch.no_grad()
-    def compute_sequence_log_probs(self, batch: BatchedDataDict, micro_batch_size: int) -> BatchedDataDict:
+    def compute_sequence_log_probs(
+        self, batch: BatchedDataDict, micro_batch_size: int, reference: bool = False
+    ) -> BatchedDataDict:
         """``{"logps": (N,), "num_tokens": (N,)}``: summed answer log-probs and answer lengths
-        of each row under the current weights (no gradient)."""
+        of each row under the current weights (no gradient); ``reference``: under the frozen
+        base with the LoRA adapters off."""
+        if reference:
+            with adapters_disabled(self.model):
+                return self.compute_sequence_log_probs(batch, micro_batch_size)
         self.model.eval()
         logps, counts = [], []
         for start in range(0, batch.size, max(1, int(micro_batch_size))):

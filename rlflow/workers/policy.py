@@ -32,6 +32,7 @@ from rlflow.algorithms.losses import (
 from rlflow.data.batch_sizes import balanced_halves, round_up, split_to_count
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.models.loading import load_causal_lm
+from rlflow.models.lora import adapters_disabled, add_lora_adapters, lora_enabled, lora_sync_state
 from rlflow.models.packing import (
     build_model_inputs,
     enable_varlen_sdpa,
@@ -60,6 +61,10 @@ class PolicyWorker(Worker):
         model = load_causal_lm(self.cfg.model, device=self.device)
         if self.cfg.model.gradient_checkpointing and self.trainable:
             model.gradient_checkpointing_enable()
+        # LoRA: frozen base + trainable adapters; the base with adapters off is the reference.
+        self.lora = self.trainable and lora_enabled(self.cfg.actor.lora)
+        if self.lora:
+            model = add_lora_adapters(model, self.cfg.actor.lora)
         if not self.trainable:
             model.requires_grad_(False)
             model.eval()
@@ -184,13 +189,19 @@ class PolicyWorker(Worker):
             (logits.float().sum() * 0.0).backward()
 
     @torch.no_grad()
-    def compute_log_prob(self, batch: BatchedDataDict, micro_batch_size: int) -> BatchedDataDict:
+    def compute_log_prob(
+        self, batch: BatchedDataDict, micro_batch_size: int, reference: bool = False
+    ) -> BatchedDataDict:
         """Per-token log-probs (and entropy) of ``responses`` under the current weights.
 
         Returns ``{"log_probs", "entropy"}``, each ``[B, T_resp]`` float32 in the rows' original
         order (dynamic batching and packing run them sorted or binned), 0 at unscored positions.
-        ``micro_batch_size`` applies to fixed-size micro-batches only.
+        ``micro_batch_size`` applies to fixed-size micro-batches only. ``reference``: score with
+        the reference policy, the frozen base with the LoRA adapters off (``actor.lora``).
         """
+        if reference:
+            with adapters_disabled(self.model):
+                return self.compute_log_prob(batch, micro_batch_size)
         self.model.eval()
         layout, groups = self.plan_micro_batches(batch, micro_batch_size)
         shape = batch["responses"].shape
@@ -341,13 +352,14 @@ class PolicyWorker(Worker):
             )
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
-    def publish_weights(self) -> Optional[list]:
+    def publish_weights(self, lora_sync: Optional[str] = None) -> Optional[list]:
         """Put the full weights in the Ray object store; rank 0 returns ``[ref]``, others None.
+        With LoRA: the adapters or the merged weights (``lora_sync``, default ``actor.lora.sync``).
 
         The reference is wrapped in a list so Ray hands it over as a reference instead of
         fetching the tensors into the driver.
         """
-        state = self.full_state_dict()
+        state = lora_sync_state(self.model, self.cfg.actor.lora, lora_sync) if self.lora else self.full_state_dict()
         if self.rank != 0:
             return None
         return [ray.put(state)]

@@ -18,7 +18,7 @@ import rlflow
 from rlflow.config.compose import available_recipes
 from rlflow.trainer.config_checks import check_config
 
-RECIPES = ["grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp", "ppo", "dpo"]
+RECIPES = ["grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp", "ppo", "dpo", "grpo_lora"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -92,6 +92,15 @@ def test_ppo_with_critic_learns(ray_cluster, tmp_path):
     assert history[0]["actor/reward_kl_penalty_coeff"] == pytest.approx(0.001)
     assert history[-1]["actor/reward_kl_penalty"] > 0
     assert history[-1]["actor/reward_kl_penalty_coeff"] != pytest.approx(0.001, rel=1e-3)
+
+
+@pytest.mark.ray
+@pytest.mark.learning
+def test_grpo_lora_learns(ray_cluster, tmp_path):
+    roles, history = run_recipe("grpo_lora", tmp_path, [])
+    assert roles == {"actor": 2, "rollout": 1, "reward": 1}, "LoRA: the base in the actor is the reference"
+    assert_reward_rises(history)
+    assert history[-1]["actor/kl"] > 0, "the KL to the base (adapters off) is measured"
 
 
 @pytest.mark.ray

@@ -17,6 +17,8 @@ from transformers import GenerationConfig
 from rlflow.config.schema import typed_config
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.models.loading import load_causal_lm, load_tokenizer
+from rlflow.models.packing import build_model_inputs, score_responses
+from rlflow.models.lora import add_lora_adapters, is_adapter_key, lora_enabled
 from rlflow.utils.torch_functional import compute_position_ids, get_response_mask
 from rlflow.workers.base import Worker
 from rlflow.workers.rollout.policy_lag import check_weight_version
@@ -31,6 +33,11 @@ class HFRolloutWorker(Worker):
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.model = load_causal_lm(self.cfg.model, device=self.device)
+        # LoRA with adapter-only syncs: the same adapters on this worker's own base copy.
+        lora = self.cfg.actor.lora
+        self.receives_adapters = lora_enabled(lora) and lora.sync == "adapters"
+        if self.receives_adapters:
+            self.model = add_lora_adapters(self.model, lora)
         self.model.requires_grad_(False)
         self.model.eval()
         self.weight_version = 0
@@ -94,12 +101,27 @@ class HFRolloutWorker(Worker):
         result["weight_version"] = [self.weight_version] * result.size
         return result
 
+    @torch.no_grad()
+    def engine_log_probs(self, batch: BatchedDataDict) -> BatchedDataDict:
+        """This worker's log-probs of given responses at temperature 1: ``{"log_probs": [B, T]}``,
+        0 on padding (``input_ids``, ``attention_mask``, ``position_ids``, ``responses`` as
+        ``generate`` returns them); a check that the rollout and the actor hold the same policy."""
+        inputs = build_model_inputs(
+            batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+            batch["position_ids"].to(self.device), batch["responses"].to(self.device), "padded",
+        )
+        log_probs, _ = score_responses(self.model, inputs)
+        return BatchedDataDict({"log_probs": log_probs.cpu()})
+
     def update_weights(self, state_ref: list, version: int) -> int:
-        """Load the actor's full state dict (passed as ``[ObjectRef]``) and record its version."""
+        """Load the actor's full state dict, or its LoRA adapters (passed as ``[ObjectRef]``),
+        and record its version."""
         state = ray.get(state_ref[0])
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         tied = set(getattr(self.model, "_tied_weights_keys", None) or [])
         missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+        if self.receives_adapters:  # the base weights stay as loaded from model.path
+            missing = [k for k in missing if is_adapter_key(k)]
         if missing or unexpected:
             raise RuntimeError(
                 f"weight sync mismatch: missing {missing[:5]}, unexpected {list(unexpected)[:5]}"

@@ -8,7 +8,9 @@ every token after it is ``pad``. On top of that the result has ``rollout_log_pro
 the engine's log-prob of each sampled token (after temperature, i.e. comparable with the
 actor's ``compute_log_prob``), 0 on padding.
 
-Weights move through vLLM's weight-transfer API (see ``vllm_weight_sync.py``). Every batch
+Weights move through vLLM's weight-transfer API (see ``vllm_weight_sync.py``); a LoRA policy
+(``actor.lora``, ``sync=adapters``) arrives as adapters served with vLLM's LoRA support instead
+(see ``vllm_lora.py``). Every batch
 carries the engine's weight version, and generating with weights older than the trainer
 expects is an error unless ``rollout.max_weight_staleness`` allows the lag.
 
@@ -34,6 +36,7 @@ from rlflow.models.loading import load_tokenizer, resolve_model_path
 from rlflow.utils.torch_functional import compute_position_ids, get_response_mask
 from rlflow.workers.base import Worker
 from rlflow.workers.rollout.policy_lag import check_weight_version
+from rlflow.workers.rollout.vllm_lora import VLLMAdapterSlot, lora_engine_kwargs, receives_adapters
 from rlflow.workers.rollout.sampling import (
     SamplingSettings,
     request_seeds,
@@ -190,8 +193,12 @@ class VLLMRolloutWorker(Worker):
         else:
             # An explicit size: the CPU default reserves a fraction of the whole machine's RAM.
             engine_kwargs["kv_cache_memory_bytes"] = int(float(rcfg.cpu_kv_cache_gib) * 2**30)
+        self.receives_adapters = receives_adapters(self.cfg)
+        if self.receives_adapters:
+            engine_kwargs.update(lora_engine_kwargs(int(self.cfg.actor.lora.rank)))
         engine_kwargs.update(rcfg.engine_kwargs)
         self.llm = LLM(**engine_kwargs)
+        self.adapter = VLLMAdapterSlot(self.llm, self.cfg.actor.lora, model_path)
         if self.weight_sync == "object_store":
             self.llm.init_weight_transfer_engine({"init_info": {}})
         self.weight_version = 0
@@ -263,7 +270,7 @@ class VLLMRolloutWorker(Worker):
         params = self.sampling_params(settings, request_seeds(seed, self.rank, len(requests)))
         self._wake()
         try:
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self.adapter.request)
         finally:
             self._maybe_sleep()
 
@@ -313,7 +320,7 @@ class VLLMRolloutWorker(Worker):
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=0.0)
         self._wake()
         try:
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self.adapter.request)
         finally:
             self._maybe_sleep()
         log_probs = torch.zeros(responses.shape, dtype=torch.float32)
@@ -326,7 +333,8 @@ class VLLMRolloutWorker(Worker):
     # ----------------------------------------------------------------- weights
     def update_weights(self, state_ref: list, version: int) -> int:
         """Load the actor's full state dict (``[ObjectRef]`` from ``publish_weights``) into the
-        engine through vLLM's weight-transfer lifecycle and record ``version``."""
+        engine through vLLM's weight-transfer lifecycle, or with LoRA adapter syncs serve the
+        shipped adapters, and record ``version``."""
         if self.weight_sync != "object_store":
             raise ConfigError(
                 f"update_weights(state_ref) is the object-store sync, but rollout.weight_sync={self.weight_sync}: "
@@ -334,9 +342,15 @@ class VLLMRolloutWorker(Worker):
             )
         self._wake()
         try:
-            self.llm.start_weight_update()
-            self.llm.update_weights({"update_info": {"state_ref": list(state_ref)}})
-            self.llm.finish_weight_update(weight_version=str(int(version)))
+            if self.receives_adapters:
+                import ray
+
+                self.adapter.load(ray.get(state_ref[0]), int(version))
+                self.llm.update_weight_version(str(int(version)))
+            else:
+                self.llm.start_weight_update()
+                self.llm.update_weights({"update_info": {"state_ref": list(state_ref)}})
+                self.llm.finish_weight_update(weight_version=str(int(version)))
             self._drop_stale_cache()
         finally:
             self._maybe_sleep()
