@@ -27,12 +27,21 @@ def _is_sharded(model: torch.nn.Module) -> bool:
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded CPU weights (a collective when sharded: every rank must call it)."""
-    if _is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    """Unsharded CPU weights (a collective when sharded: every rank must call it).
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    Each FSDP2 parameter is all-gathered once with ``full_tensor``; tied weights stay one
+    tensor under both names. torch's generic ``get_model_state_dict`` gives the same tensors
+    at about twice the cost, which every weight sync would pay.
+    """
+    gathered: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        key = id(value)  # tied weights are one Parameter object under two names
+        if key not in gathered:
+            full = value.full_tensor() if hasattr(value, "full_tensor") else value
+            gathered[key] = full.detach().cpu().clone()
+        out[name] = gathered[key]
+    return out
 
 
 def _frozen_part(model: torch.nn.Module) -> bool:

@@ -42,6 +42,7 @@ from rlflow.models.packing import (
 )
 from rlflow.optim import build_lr_scheduler, build_optimizer
 from rlflow.workers.base import Worker
+from rlflow.workers.checkpointing import full_model_state
 from rlflow.workers.fsdp import clip_and_step, global_token_and_seq_counts, shard_decoder_layers
 
 
@@ -344,13 +345,7 @@ class PolicyWorker(Worker):
     # ----------------------------------------------------------------- weights
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Unsharded CPU state dict; a collective, so every rank must call it."""
-        if self.world_size > 1:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            return get_model_state_dict(
-                self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-            )
-        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        return full_model_state(self.model)
 
     def publish_weights(self, lora_sync: Optional[str] = None) -> Optional[list]:
         """Put the full weights in the Ray object store; rank 0 returns ``[ref]``, others None.
