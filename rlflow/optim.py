@@ -15,10 +15,10 @@ LR_SCHEDULERS = ("constant", "cosine", "linear")
 def build_optimizer(params: Iterable[torch.nn.Parameter], optim_cfg: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         [p for p in params if p.requires_grad],
-        lr=float(optim_cfg.lr),
+        lr=optim_cfg.lr,
         betas=tuple(float(b) for b in optim_cfg.betas),
-        eps=float(optim_cfg.eps),
-        weight_decay=float(optim_cfg.weight_decay),
+        eps=optim_cfg.eps,
+        weight_decay=optim_cfg.weight_decay,
         # The foreach path groups DTensor shards fine, but the plain loop keeps CPU memory flat.
         foreach=False,
     )
@@ -30,8 +30,8 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: Any, total_s
     kind = optim_cfg.lr_scheduler
     if kind not in LR_SCHEDULERS:
         raise ConfigError(f"actor.optim.lr_scheduler '{kind}' is unknown: use one of {', '.join(LR_SCHEDULERS)}")
-    warmup = max(0, int(optim_cfg.warmup_steps))
-    floor = float(optim_cfg.min_lr_ratio)
+    warmup = max(0, optim_cfg.warmup_steps)
+    floor = optim_cfg.min_lr_ratio
     total = max(int(total_steps), warmup + 1)
 
     def factor(step: int) -> float:

@@ -61,8 +61,8 @@ class DataEngine:
         self.tokenizer = load_tokenizer(cfg.model)
         self.prompts = RLHFDataset(
             list(cfg.data.train_files), self.tokenizer,
-            prompt_key=cfg.data.prompt_key, max_prompt_length=int(cfg.data.max_prompt_length),
-            truncation=cfg.data.truncation, filter_overlong_prompts=bool(cfg.data.filter_overlong_prompts),
+            prompt_key=cfg.data.prompt_key, max_prompt_length=cfg.data.max_prompt_length,
+            truncation=cfg.data.truncation, filter_overlong_prompts=cfg.data.filter_overlong_prompts,
             return_raw_chat=True,
         )
         count = len(self.prompts) if ecfg.max_prompts is None else min(len(self.prompts), int(ecfg.max_prompts))
@@ -156,9 +156,9 @@ class DataEngine:
         start = shard * ecfg.shard_size
         indices = list(range(start, min(start + ecfg.shard_size, self.num_prompts)))
         rows = [self.prompts[i] for i in indices]
-        batch = collate_fn(rows).repeat_interleave(int(ecfg.num_samples))
+        batch = collate_fn(rows).repeat_interleave(ecfg.num_samples)
         gen_batch = BatchedDataDict({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
-        out = rollout.call_sharded("generate", gen_batch, seed=int(ecfg.seed) * 100_003 + shard)
+        out = rollout.call_sharded("generate", gen_batch, seed=ecfg.seed * 100_003 + shard)
         lengths = out["response_mask"].sum(-1).tolist()
         texts = self.tokenizer.batch_decode(
             [r[: int(n)].tolist() for r, n in zip(out["responses"], lengths)], skip_special_tokens=True
@@ -236,7 +236,7 @@ class DataEngine:
 
         def implicit_scores(samples):
             batch = self._log_prob_batch(samples)
-            mb = int(self.cfg.ref.log_prob_micro_batch_size_per_worker)
+            mb = self.cfg.ref.log_prob_micro_batch_size_per_worker
             lp_policy = policy.call_sharded("compute_log_prob", batch, micro_batch_size=mb)["log_probs"]
             lp_ref = ref.call_sharded("compute_log_prob", batch, micro_batch_size=mb)["log_probs"]
             mask = batch["response_mask"].float()
@@ -254,7 +254,7 @@ class DataEngine:
         from rlflow.utils.torch_functional import compute_position_ids, pad_2d_list_to_tensor
 
         pad = self.tokenizer.pad_token_id
-        width = int(self.cfg.data.max_response_length)
+        width = self.cfg.data.max_response_length
         prompts = pad_2d_list_to_tensor([s["prompt_ids"] for s in samples], pad, left_pad=True)
         prompt_mask = pad_2d_list_to_tensor([[1] * len(s["prompt_ids"]) for s in samples], 0, left_pad=True)
         responses = pad_2d_list_to_tensor([s["response_ids"] for s in samples], pad, max_length=width)
@@ -270,7 +270,7 @@ class DataEngine:
         from rlflow.utils.torch_functional import pad_2d_list_to_tensor
 
         pad = self.tokenizer.pad_token_id
-        width = max(1, int(self.cfg.data.max_response_length))
+        width = max(1, self.cfg.data.max_response_length)
         batch = BatchedDataDict({
             "responses": pad_2d_list_to_tensor([s["response_ids"] for s in samples], pad, max_length=width),
             "response_mask": pad_2d_list_to_tensor([[1] * len(s["response_ids"]) for s in samples], 0, max_length=width),

@@ -124,12 +124,12 @@ def check_model_support(cfg: Any) -> None:
         )
     attn = resolve_attn_implementation(model_cfg.attn_implementation, cls)
     rl = cfg.trainer.algorithm == "rl"
-    _check_shardable(cls, "actor", int(cfg.actor.num_workers))
-    _check_shardable(cls, "ref", int(cfg.ref.num_workers))
+    _check_shardable(cls, "actor", cfg.actor.num_workers)
+    _check_shardable(cls, "ref", cfg.ref.num_workers)
     if rl and cfg.algorithm.adv_estimator == "gae" and cfg.critic.model_path is None:
         base = model_class(config, base=True)
         if base is not None:
-            _check_shardable(base, "critic", int(cfg.critic.num_workers))
+            _check_shardable(base, "critic", cfg.critic.num_workers)
     if rl:
         for role in ("actor", "ref"):
             if bool(cfg[role].use_sequence_packing):

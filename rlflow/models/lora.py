@@ -265,6 +265,6 @@ def meta_model(model_cfg: Any) -> torch.nn.Module:
     from rlflow.models.loading import resolve_model_path
 
     path = resolve_model_path(model_cfg.path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=bool(model_cfg.trust_remote_code))
+    config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=bool(model_cfg.trust_remote_code))
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)

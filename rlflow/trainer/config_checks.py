@@ -88,7 +88,7 @@ def check_rl_config(cfg: DictConfig) -> None:
         "actor.num_workers", "actor.ppo_mini_batch_size", "actor.ppo_micro_batch_size_per_worker",
         "actor.ppo_epochs", "rollout.num_workers", "ref.num_workers", "reward.num_workers",
     )
-    if alg.adv_estimator in GROUP_ESTIMATORS and int(cfg.rollout.n) < 2:
+    if alg.adv_estimator in GROUP_ESTIMATORS and cfg.rollout.n < 2:
         raise ConfigError(
             f"algorithm.adv_estimator={alg.adv_estimator} compares each response with the other "
             f"responses to its prompt, so rollout.n={cfg.rollout.n} gives all-zero advantages: "
@@ -96,7 +96,7 @@ def check_rl_config(cfg: DictConfig) -> None:
         )
     for key in ("temperature", "val_temperature"):
         _non_negative(f"rollout.{key}", cfg.rollout[key])
-    if not 0.0 < float(cfg.rollout.top_p) <= 1.0:
+    if not 0.0 < cfg.rollout.top_p <= 1.0:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
     if cfg.actor.use_kl_loss:
         _one_of("actor.kl_loss_type", cfg.actor.kl_loss_type, KL_KINDS)
@@ -136,7 +136,7 @@ def check_rl_config(cfg: DictConfig) -> None:
     if fg.enable:
         _one_of("algorithm.filter_groups.metric", fg.metric, FILTER_METRICS)
         _positive(cfg, "algorithm.filter_groups.max_num_gen_batches")
-        if int(cfg.rollout.n) < 2:
+        if cfg.rollout.n < 2:
             raise ConfigError(
                 "algorithm.filter_groups.enable=true needs rollout.n >= 2: a group of one "
                 "response has no reward spread to filter on"
@@ -147,8 +147,8 @@ def check_rl_config(cfg: DictConfig) -> None:
             raise ConfigError(f"reward.{key}={cfg.reward[key]} must be >= 0 (0 or null: no limit)")
     ob = cfg.reward.overlong_buffer
     if ob.enable:
-        max_len = int(cfg.data.max_response_length)
-        if not 0 < int(ob.len) <= max_len:
+        max_len = cfg.data.max_response_length
+        if not 0 < ob.len <= max_len:
             raise ConfigError(
                 f"reward.overlong_buffer.len={ob.len} must be in [1, data.max_response_length={max_len}] "
                 "when reward.overlong_buffer.enable=true"
@@ -160,15 +160,15 @@ def _check_mini_batches(cfg: DictConfig, role: str) -> None:
     """``data.train_batch_size`` splits into ``<role>.ppo_mini_batch_size`` prompts, whose
     responses split evenly over the role's workers."""
     role_cfg = cfg[role]
-    batch = int(cfg.data.train_batch_size)
-    mini = int(role_cfg.ppo_mini_batch_size)
+    batch = cfg.data.train_batch_size
+    mini = role_cfg.ppo_mini_batch_size
     if batch % mini:
         raise ConfigError(
             f"data.train_batch_size={batch} is not divisible by {role}.ppo_mini_batch_size={mini}: "
             f"use a mini-batch size from {divisors(batch)}"
         )
-    n = int(cfg.rollout.n)
-    workers = int(role_cfg.num_workers)
+    n = cfg.rollout.n
+    workers = role_cfg.num_workers
     if (mini * n) % workers:
         good = [d for d in divisors(mini * n) if d <= 64]
         raise ConfigError(
@@ -190,14 +190,14 @@ def _check_micro_batching(cfg: DictConfig, role: str) -> None:
         return
     from rlflow.data.batched_data_dict import PACKING_ALGORITHMS
 
-    _one_of(f"{role}.packing_algorithm", str(role_cfg.packing_algorithm).lower(), PACKING_ALGORITHMS)
+    _one_of(f"{role}.packing_algorithm", role_cfg.packing_algorithm.lower(), PACKING_ALGORITHMS)
     _positive(cfg, f"{role}.max_tokens_per_microbatch", f"{role}.sequence_length_round")
-    longest = int(cfg.data.max_prompt_length) + int(cfg.data.max_response_length)
+    longest = cfg.data.max_prompt_length + cfg.data.max_response_length
     if role_cfg.use_dynamic_bsz:
         # dynamic micro-batches round every length up to a multiple of sequence_length_round
-        step = int(role_cfg.sequence_length_round)
+        step = role_cfg.sequence_length_round
         longest = -(-longest // step) * step
-    cap = int(role_cfg.max_tokens_per_microbatch)
+    cap = role_cfg.max_tokens_per_microbatch
     if cap < longest:
         raise ConfigError(
             f"{role}.max_tokens_per_microbatch={cap} cannot hold the longest sequence "
@@ -217,11 +217,11 @@ def check_dpo_config(cfg: DictConfig) -> None:
         "actor.num_workers", "actor.ppo_micro_batch_size_per_worker", "ref.num_workers",
         "dpo.beta",
     )
-    if not 0.0 <= float(dcfg.label_smoothing) < 0.5:
+    if not 0.0 <= dcfg.label_smoothing < 0.5:
         raise ConfigError(f"dpo.label_smoothing={dcfg.label_smoothing} must be in [0, 0.5)")
     _non_negative("dpo.sft_loss_coef", dcfg.sft_loss_coef)
-    batch = int(cfg.data.train_batch_size)
-    workers = int(cfg.actor.num_workers)
+    batch = cfg.data.train_batch_size
+    workers = cfg.actor.num_workers
     if batch % workers:
         raise ConfigError(
             f"data.train_batch_size={batch} preference pairs cannot be split evenly over "

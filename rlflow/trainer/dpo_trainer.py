@@ -57,14 +57,14 @@ class DPOTrainer:
                 "rlflow.build_trainer(cfg), which picks the trainer for the algorithm"
             )
         self.cfg = cfg
-        torch.manual_seed(int(cfg.trainer.seed))
+        torch.manual_seed(cfg.trainer.seed)
 
         # Everything that reads the user's files runs here, before Ray and the workers start.
         self.tokenizer = preflight(cfg)
         self.train_dataset = self._dataset(cfg.data.train_files)
         self.val_dataset = self._dataset(cfg.data.val_files) if cfg.data.val_files else None
         self.batches = PromptBatches(
-            len(self.train_dataset), int(cfg.data.train_batch_size), bool(cfg.data.shuffle), int(cfg.data.seed)
+            len(self.train_dataset), cfg.data.train_batch_size, cfg.data.shuffle, cfg.data.seed
         )
         self.total_steps = total_training_steps(cfg.trainer, self.batches.batches_per_epoch)
         self.global_step = 0
@@ -92,8 +92,8 @@ class DPOTrainer:
             prompt_key=dcfg.prompt_key,
             chosen_key=self.cfg.dpo.chosen_key,
             rejected_key=self.cfg.dpo.rejected_key,
-            max_length=int(dcfg.max_prompt_length) + int(dcfg.max_response_length),
-            max_prompt_length=int(dcfg.max_prompt_length),
+            max_length=dcfg.max_prompt_length + dcfg.max_response_length,
+            max_prompt_length=dcfg.max_prompt_length,
             apply_chat_template_kwargs=OmegaConf.to_container(dcfg.apply_chat_template_kwargs),
         )
 
@@ -120,7 +120,7 @@ class DPOTrainer:
         role_cfg = self.cfg.actor if role == "actor" else self.cfg.ref
         out = self.groups[role].call_sharded(
             "compute_sequence_log_probs", batch,
-            micro_batch_size=int(role_cfg.log_prob_micro_batch_size_per_worker), **flag,
+            micro_batch_size=role_cfg.log_prob_micro_batch_size_per_worker, **flag,
         )
         return out["logps"]
 
@@ -136,12 +136,12 @@ class DPOTrainer:
             batch["ref_logps"] = self._sequence_log_probs("ref", batch)
         with timer.phase("update_actor"):
             rank_metrics = self.groups["actor"].call_sharded_metrics(
-                "update_dpo", batch, micro_batch_size=int(cfg.actor.ppo_micro_batch_size_per_worker)
+                "update_dpo", batch, micro_batch_size=cfg.actor.ppo_micro_batch_size_per_worker
             )
         self.global_step += 1
         metrics: dict[str, Any] = {"step": self.global_step, "epoch": self.batches.epoch}
         metrics.update(rank_metrics[0])  # reduced over ranks inside the update
-        freq = int(cfg.trainer.test_freq)
+        freq = cfg.trainer.test_freq
         if self.val_dataset is not None and (
             (freq > 0 and self.global_step % freq == 0) or self.global_step == self.total_steps
         ):
@@ -172,7 +172,7 @@ class DPOTrainer:
         dcfg = self.cfg.dpo
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1],
-            beta=float(dcfg.beta), loss_type=dcfg.loss_type, label_smoothing=float(dcfg.label_smoothing),
+            beta=dcfg.beta, loss_type=dcfg.loss_type, label_smoothing=dcfg.label_smoothing,
         )
         return {
             "val/dpo/loss": losses.mean().item(),

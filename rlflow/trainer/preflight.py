@@ -52,7 +52,7 @@ def check_first_rows(cfg: DictConfig, dataset: Any, reward_fn: Optional[Callable
     """Every row of the first batch must be scorable: its ``data_source`` has a scorer (when the
     built-in registry scores) and its ground truth is set (unless the scorer needs none)."""
     fn = resolve_reward_fn(cfg.reward, reward_fn)
-    for i in range(min(len(dataset), int(cfg.data.train_batch_size))):
+    for i in range(min(len(dataset), cfg.data.train_batch_size)):
         row = dataset[i]
         if not isinstance(row, dict):
             return  # a custom dataset with its own row type: the reward worker checks it

@@ -111,7 +111,7 @@ class RLTrainer:
                 "rlflow.build_trainer(cfg), which picks the trainer for the algorithm"
             )
         self.cfg = cfg
-        torch.manual_seed(int(cfg.trainer.seed))
+        torch.manual_seed(cfg.trainer.seed)
         self.restarts = 0
 
         # Everything that reads the user's files runs here, before Ray and the workers start.
@@ -120,9 +120,9 @@ class RLTrainer:
         self.packer = self._packer(packer)
         self.train_dataset = train_dataset if train_dataset is not None else self._dataset(cfg.data.train_files)
         check_first_rows(cfg, self.train_dataset, reward_fn)
-        self.val_dataset = self._dataset(cfg.data.val_files) if int(cfg.trainer.test_freq) > 0 else None
+        self.val_dataset = self._dataset(cfg.data.val_files) if cfg.trainer.test_freq > 0 else None
         self.batches = PromptBatches(
-            len(self.train_dataset), int(cfg.data.train_batch_size), bool(cfg.data.shuffle), int(cfg.data.seed)
+            len(self.train_dataset), cfg.data.train_batch_size, cfg.data.shuffle, cfg.data.seed
         )
         per_epoch = self.batches.batches_per_epoch
         self.total_steps = total_training_steps(cfg.trainer, per_epoch)
@@ -131,8 +131,8 @@ class RLTrainer:
 
         alg = cfg.algorithm
         self.use_critic = alg.adv_estimator == "gae"
-        self.use_kl_in_reward = bool(alg.use_kl_in_reward)
-        self.use_ref = bool(cfg.actor.use_kl_loss) or self.use_kl_in_reward
+        self.use_kl_in_reward = alg.use_kl_in_reward
+        self.use_ref = cfg.actor.use_kl_loss or self.use_kl_in_reward
         # With LoRA the reference policy is the actor's own frozen base (adapters off).
         self.ref_in_actor = self.use_ref and lora_enabled(cfg.actor.lora)
         # The controller lives in the driver: its coefficient is one number per step.
@@ -143,7 +143,7 @@ class RLTrainer:
         self.output_dir, self._run_lock = prepare_output_dir(cfg)
         try:
             self.metrics = MetricsLog(self.output_dir)
-            resume_from = ckpt.resolve_resume_path(self.output_dir, str(cfg.trainer.resume_mode))
+            resume_from = ckpt.resolve_resume_path(self.output_dir, cfg.trainer.resume_mode)
             init_ray_from_config(cfg.cluster)
             self._build_worker_groups()
             log_workers(self.groups)
@@ -173,13 +173,13 @@ class RLTrainer:
             resolved,
             self.tokenizer,
             prompt_key=dcfg.prompt_key,
-            max_prompt_length=int(dcfg.max_prompt_length),
+            max_prompt_length=dcfg.max_prompt_length,
             truncation=dcfg.truncation,
-            filter_overlong_prompts=bool(dcfg.filter_overlong_prompts),
-            return_raw_chat=bool(dcfg.return_raw_chat),
-            return_full_prompt=bool(dcfg.return_full_prompt),
-            max_samples=int(dcfg.max_samples),
-            filter_overlong_prompts_workers=int(dcfg.filter_overlong_prompts_workers),
+            filter_overlong_prompts=dcfg.filter_overlong_prompts,
+            return_raw_chat=dcfg.return_raw_chat,
+            return_full_prompt=dcfg.return_full_prompt,
+            max_samples=dcfg.max_samples,
+            filter_overlong_prompts_workers=dcfg.filter_overlong_prompts_workers,
             apply_chat_template_kwargs=OmegaConf.to_container(dcfg.apply_chat_template_kwargs),
         )
 
@@ -205,7 +205,7 @@ class RLTrainer:
             )
 
         # The actor sits out the critic warm-up, so its LR schedule spans the remaining steps.
-        warmup = min(self.total_steps, int(cfg.trainer.critic_warmup)) if self.use_critic else 0
+        warmup = min(self.total_steps, cfg.trainer.critic_warmup) if self.use_critic else 0
         actor_steps = self.total_steps - warmup
         self.groups["actor"] = group(
             PolicyWorker, "actor", cfg.actor, role="actor", total_steps=self._optimizer_steps(cfg.actor, actor_steps)
@@ -274,9 +274,9 @@ class RLTrainer:
                     response_mask=batch["response_mask"],
                     group_index=batch["uid"],
                     values=batch["values"] if self.use_critic else None,
-                    norm_by_std=bool(cfg.algorithm.norm_adv_by_std_in_grpo),
-                    gamma=float(cfg.algorithm.gamma),
-                    lam=float(cfg.algorithm.lam),
+                    norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo,
+                    gamma=cfg.algorithm.gamma,
+                    lam=cfg.algorithm.lam,
                 )
                 batch["advantages"], batch["returns"] = advantages, returns
 
@@ -289,7 +289,7 @@ class RLTrainer:
                     metrics.update(rank_metrics[0])  # reduced over ranks inside the update
 
             # PPO's critic warm-up: the actor waits until the values mean something.
-            if not self.use_critic or self.global_step >= int(cfg.trainer.critic_warmup):
+            if not self.use_critic or self.global_step >= cfg.trainer.critic_warmup:
                 with timer.phase("update_actor"):
                     rank_metrics = self.groups["actor"].call_sharded_metrics(
                         "update_policy", call_view("update_policy", batch),
@@ -309,13 +309,13 @@ class RLTrainer:
         metrics["throughput/tokens_per_s"] = num_tokens / step_time
         metrics["weight_version"] = self.weight_version
         metrics["trainer/restarts"] = float(self.restarts)
-        test_freq = int(cfg.trainer.test_freq)
+        test_freq = cfg.trainer.test_freq
         if self.val_dataset is not None and (self.global_step % test_freq == 0 or self.global_step == self.total_steps):
             with timer.phase("validate"):
                 metrics.update(self.validate())
             metrics["timing/validate_s"] = timer.timings["timing/validate_s"]
         self._log(metrics)
-        save_freq = int(cfg.trainer.save_freq)
+        save_freq = cfg.trainer.save_freq
         if save_freq > 0 and (self.global_step % save_freq == 0 or self.global_step == self.total_steps):
             self.save_checkpoint()
         return metrics
@@ -331,7 +331,7 @@ class RLTrainer:
         cfg = self.cfg
         rows = [self.val_dataset[i] for i in range(len(self.val_dataset))]
         batch = self._collate(rows)
-        temperature = float(cfg.rollout.val_temperature)
+        temperature = cfg.rollout.val_temperature
         batch.update(self._call_sharded(
             "rollout", "generate", batch, seed=self.global_step, temperature=temperature,
             do_sample=temperature > 0, expected_weight_version=self.weight_version,
@@ -406,7 +406,7 @@ class RLTrainer:
             prompts = self._next_prompts()
             # One id per prompt: its n responses form a group (GRPO, RLOO, dynamic sampling).
             prompts["uid"] = [str(uuid.uuid4()) for _ in range(prompts.size)]
-            batch = prompts.repeat_interleave(int(cfg.rollout.n))
+            batch = prompts.repeat_interleave(cfg.rollout.n)
 
         with timer.phase("gen"):
             generated = self._call_sharded(
@@ -425,8 +425,8 @@ class RLTrainer:
             ob = cfg.reward.overlong_buffer
             if ob.enable:
                 penalty = overlong_penalty(
-                    batch["response_mask"].sum(-1), int(cfg.data.max_response_length),
-                    int(ob.len), float(ob.penalty_factor),
+                    batch["response_mask"].sum(-1), cfg.data.max_response_length,
+                    ob.len, ob.penalty_factor,
                 )
                 batch["token_level_scores"] = add_sequence_reward(
                     batch["token_level_scores"], batch["response_mask"], penalty
@@ -451,12 +451,12 @@ class RLTrainer:
             batch, scoring = self._generate(timer, round_idx=0)
             return batch, batch, scoring
 
-        n = int(cfg.rollout.n)
-        target = int(cfg.data.train_batch_size)
+        n = cfg.rollout.n
+        target = cfg.data.train_batch_size
         rounds: list[BatchedDataDict] = []
         kept: list[BatchedDataDict] = []
         num_kept = 0
-        while num_kept < target and len(rounds) < int(fcfg.max_num_gen_batches):
+        while num_kept < target and len(rounds) < fcfg.max_num_gen_batches:
             batch, scoring = self._generate(timer, round_idx=len(rounds))
             self._finish_scoring(timer, batch, scoring)
             rounds.append(batch)
@@ -484,7 +484,7 @@ class RLTrainer:
             (int(r.num_workers), self._per_worker_mini_batch(r), int(r.ppo_micro_batch_size_per_worker))
             for r in roles
         ]
-        return splittable_group_count(available, int(self.cfg.rollout.n), shapes)
+        return splittable_group_count(available, self.cfg.rollout.n, shapes)
 
     # ----------------------------------------------------------------- helpers
     def _per_worker_mini_batch(self, role_cfg: Any) -> int:
@@ -498,7 +498,7 @@ class RLTrainer:
         role_cfg = self.cfg.actor if role == "actor" else self.cfg.ref
         shard = -(-batch.size // wg.world_size)
         # Micro-batches must tile the shard exactly; a filtered batch can have any size.
-        micro = largest_divisor_at_most(shard, int(role_cfg.log_prob_micro_batch_size_per_worker))
+        micro = largest_divisor_at_most(shard, role_cfg.log_prob_micro_batch_size_per_worker)
         flag = {"reference": True} if reference else {}
         return self._start_call(role, "compute_log_prob", batch, micro_batch_size=micro, **flag)
 
@@ -513,7 +513,7 @@ class RLTrainer:
         # Exactly on-policy (a single optimiser step per batch): the old log-probs equal the
         # current ones, so the update uses the detached current values and saves a forward pass.
         acfg = self.cfg.actor
-        return not (int(acfg.ppo_epochs) == 1 and int(acfg.ppo_mini_batch_size) == int(self.cfg.data.train_batch_size))
+        return not (acfg.ppo_epochs == 1 and acfg.ppo_mini_batch_size == self.cfg.data.train_batch_size)
 
     def _start_call(self, role: str, method: str, batch: BatchedDataDict, **kwargs: Any) -> ShardedCall:
         return self.groups[role].call_sharded_async(method, call_view(method, batch), **kwargs)
@@ -532,7 +532,7 @@ class RLTrainer:
         scores = sampled["scores"].float()
         resp_len = sampled["response_mask"].sum(-1).float()
         prompt_len = sampled["attention_mask"].sum(-1).float() - resp_len
-        max_len = int(self.cfg.data.max_response_length)
+        max_len = self.cfg.data.max_response_length
         out = {
             "reward/mean": scores.mean().item(),
             "reward/max": scores.max().item(),
@@ -611,7 +611,7 @@ class RLTrainer:
     def _recover(self, err: WorkerDiedError) -> None:
         """A worker process died: rebuild every group and continue from the last checkpoint."""
         self.restarts += 1
-        limit = int(self.cfg.trainer.max_restarts)
+        limit = self.cfg.trainer.max_restarts
         if self.restarts > limit:
             raise err
         logger.warning("worker died (%s); restart %d of %d", err, self.restarts, limit)

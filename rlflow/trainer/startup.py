@@ -152,8 +152,8 @@ def build_pool(name: str, role_cfg: Any) -> ResourcePool:
     ``gpus_per_worker`` and ``custom_resources``) from the role's config section."""
     return ResourcePool(
         name,
-        num_workers=int(role_cfg.num_workers),
-        cpus_per_worker=float(role_cfg.cpus_per_worker),
+        num_workers=role_cfg.num_workers,
+        cpus_per_worker=role_cfg.cpus_per_worker,
         gpus_per_worker=float(getattr(role_cfg, "gpus_per_worker", 0.0)),
         custom_resources=dict(getattr(role_cfg, "custom_resources", {}) or {}),
     )

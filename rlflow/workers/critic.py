@@ -79,14 +79,14 @@ class CriticWorker(Worker):
         super().__init__()
         self.cfg = typed_config(config)
         ccfg = self.cfg.critic
-        torch.set_num_threads(max(1, int(ccfg.torch_threads)))
+        torch.set_num_threads(max(1, ccfg.torch_threads))
         self.init_distributed()
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
             if torch.cuda.is_available()
             else torch.device("cpu")
         )
-        torch.manual_seed(int(self.cfg.trainer.seed))
+        torch.manual_seed(self.cfg.trainer.seed)
         model = load_value_model(self.cfg.model, ccfg.model_path or self.cfg.model.path, self.device)
         if self.cfg.model.gradient_checkpointing:
             model.backbone.gradient_checkpointing_enable()
@@ -122,7 +122,7 @@ class CriticWorker(Worker):
     def compute_values(self, batch: BatchedDataDict, micro_batch_size: int | None = None) -> BatchedDataDict:
         """``{"values": (B, T_resp)}`` for ``input_ids`` / ``attention_mask`` / ``position_ids``
         / ``responses`` / ``response_mask``; zeros at masked positions."""
-        size = micro_batch_size or int(self.cfg.critic.forward_micro_batch_size_per_worker)
+        size = micro_batch_size or self.cfg.critic.forward_micro_batch_size_per_worker
         self.model.eval()
         out = []
         for mb in self._microbatches(batch, size):
@@ -145,10 +145,10 @@ class CriticWorker(Worker):
         self.model.train()
         sums: dict[str, float] = {}
         num_updates = 0
-        for _epoch in range(int(ccfg.ppo_epochs)):
+        for _epoch in range(ccfg.ppo_epochs):
             order = list(range(batch.size))
             if ccfg.shuffle_mini_batches:
-                gen = torch.Generator().manual_seed(int(self.cfg.trainer.seed) * 100019 + self.global_step)
+                gen = torch.Generator().manual_seed(self.cfg.trainer.seed * 100019 + self.global_step)
                 order = torch.randperm(batch.size, generator=gen).tolist()
             shuffled = batch.select_indices(order)
             for start in range(0, batch.size, mini_batch_size):
@@ -168,11 +168,11 @@ class CriticWorker(Worker):
         norm = dict(
             global_num_tokens=num_tokens,
             global_num_seqs=num_seqs,
-            norm_length=int(self.cfg.data.max_response_length),
+            norm_length=self.cfg.data.max_response_length,
         )
         stats = torch.zeros(3, dtype=torch.float64)  # vf_loss, vf_clipfrac, vpred_mean
         self.optimizer.zero_grad(set_to_none=True)
-        for mb in self._microbatches(mini, int(ccfg.ppo_micro_batch_size_per_worker)):
+        for mb in self._microbatches(mini, ccfg.ppo_micro_batch_size_per_worker):
             mask = mb["response_mask"].to(self.device)
             values = self._values(mb)
             loss, loss_stats = value_loss_clipped(
@@ -180,7 +180,7 @@ class CriticWorker(Worker):
                 mb["values"].to(self.device).float(),
                 mb["returns"].to(self.device).float(),
                 mask,
-                cliprange_value=float(ccfg.cliprange_value),
+                cliprange_value=ccfg.cliprange_value,
                 loss_agg_mode=ccfg.loss_agg_mode,
                 **norm,
             )
@@ -197,7 +197,7 @@ class CriticWorker(Worker):
                 dtype=torch.float64,
             )
         grad_norm, skipped = clip_and_step(
-            self.model, self.optimizer, self.lr_scheduler, float(ccfg.optim.grad_clip)
+            self.model, self.optimizer, self.lr_scheduler, ccfg.optim.grad_clip
         )
         if self.world_size > 1:
             dist.all_reduce(stats)

@@ -114,10 +114,10 @@ class DPOPolicyWorker(PolicyWorker):
             ref = mb["ref_logps"].to(self.device).float().view(-1, 2)
             losses, chosen_rewards, rejected_rewards = dpo_loss(
                 seq_lp[:, 0], seq_lp[:, 1], ref[:, 0], ref[:, 1],
-                beta=float(dcfg.beta), loss_type=dcfg.loss_type, label_smoothing=float(dcfg.label_smoothing),
+                beta=dcfg.beta, loss_type=dcfg.loss_type, label_smoothing=dcfg.label_smoothing,
             )
             chosen_nll = -token_lp[0::2].sum()
-            loss = losses.sum() / num_pairs + float(dcfg.sft_loss_coef) * chosen_nll / num_chosen_tokens
+            loss = losses.sum() / num_pairs + dcfg.sft_loss_coef * chosen_nll / num_chosen_tokens
             # FSDP averages gradients over ranks; the loss is already this rank's share.
             (loss * self.world_size).backward()
             with torch.no_grad():
@@ -135,7 +135,7 @@ class DPOPolicyWorker(PolicyWorker):
                     dtype=torch.float64,
                 )
         grad_norm, skipped = clip_and_step(
-            self.model, self.optimizer, self.lr_scheduler, float(self.cfg.actor.optim.grad_clip)
+            self.model, self.optimizer, self.lr_scheduler, self.cfg.actor.optim.grad_clip
         )
         self.global_step += 1
         if self.world_size > 1:

@@ -53,11 +53,11 @@ class PolicyWorker(Worker):
         self.role = role
         self.trainable = role == "actor"
         role_cfg = self.cfg.actor if self.trainable else self.cfg.ref
-        torch.set_num_threads(max(1, int(role_cfg.torch_threads)))
+        torch.set_num_threads(max(1, role_cfg.torch_threads))
         self.init_distributed()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         # Same seed on every rank so unsharded initial state (if any) agrees before sharding.
-        torch.manual_seed(int(self.cfg.trainer.seed))
+        torch.manual_seed(self.cfg.trainer.seed)
 
         model = load_causal_lm(self.cfg.model, device=self.device)
         if self.cfg.model.gradient_checkpointing and self.trainable:
@@ -78,7 +78,7 @@ class PolicyWorker(Worker):
         if self.world_size > 1:
             model = shard_decoder_layers(model, f"{role}.num_workers=1")
         self.model = model
-        self.temperature = float(self.cfg.rollout.temperature) or 1.0
+        self.temperature = self.cfg.rollout.temperature or 1.0
 
         self.optimizer = None
         self.lr_scheduler = None
@@ -95,7 +95,7 @@ class PolicyWorker(Worker):
     def _layout(self) -> str:
         """``padded`` (fixed-size micro-batches), ``unpadded`` (dynamic batching) or ``packed``."""
         rcfg = self._role_cfg()
-        dynamic, packing = bool(rcfg.use_dynamic_bsz), bool(rcfg.use_sequence_packing)
+        dynamic, packing = rcfg.use_dynamic_bsz, rcfg.use_sequence_packing
         if dynamic and packing:
             raise ValueError(
                 f"{self.role}.use_dynamic_bsz and {self.role}.use_sequence_packing are both true: "
@@ -119,7 +119,7 @@ class PolicyWorker(Worker):
         rcfg = self._role_cfg()
         size = batch.size
         lengths = [int(n) for n in batch["attention_mask"].sum(-1).tolist()]
-        round_to = int(rcfg.sequence_length_round) if layout == "unpadded" else 1
+        round_to = rcfg.sequence_length_round if layout == "unpadded" else 1
         if layout == "padded" or size == 0:
             step = max(1, int(micro_batch_size))
             groups = [list(range(s, min(s + step, size))) for s in range(0, size, step)]
@@ -132,7 +132,7 @@ class PolicyWorker(Worker):
         self, batch: BatchedDataDict, lengths: list[int], layout: str, round_to: int
     ) -> list[list[int]]:
         rcfg = self._role_cfg()
-        cap = int(rcfg.max_tokens_per_microbatch)
+        cap = rcfg.max_tokens_per_microbatch
         longest = round_up(max(max(lengths), 1), round_to)
         if longest > cap:
             raise ValueError(
@@ -151,7 +151,7 @@ class PolicyWorker(Worker):
             )
         else:
             shards, order = view.shard_by_batch_size(
-                1, sequence_packing_args=dict(common, algorithm=str(rcfg.packing_algorithm))
+                1, sequence_packing_args=dict(common, algorithm=rcfg.packing_algorithm)
             )
         return [[order[p] for p in range(a, b)] for a, b in shards[0].micro_batch_indices[0]]
 
@@ -233,10 +233,10 @@ class PolicyWorker(Worker):
         self.model.train()
         sums: dict[str, float] = {}
         num_updates = 0
-        for _epoch in range(int(acfg.ppo_epochs)):
+        for _epoch in range(acfg.ppo_epochs):
             order = torch.arange(batch.size)
             if acfg.shuffle_mini_batches:
-                gen = torch.Generator().manual_seed(int(self.cfg.trainer.seed) * 100003 + self.global_step)
+                gen = torch.Generator().manual_seed(self.cfg.trainer.seed * 100003 + self.global_step)
                 order = torch.randperm(batch.size, generator=gen)
             shuffled = batch.select_indices(order.tolist())
             for start in range(0, batch.size, mini_batch_size):
@@ -285,10 +285,10 @@ class PolicyWorker(Worker):
         norm = dict(
             global_num_tokens=num_tokens,
             global_num_seqs=num_seqs,
-            norm_length=int(self.cfg.data.max_response_length),
+            norm_length=self.cfg.data.max_response_length,
         )
         stats = torch.zeros(6, dtype=torch.float64)
-        layout, groups = self.plan_micro_batches(mini, int(acfg.ppo_micro_batch_size_per_worker))
+        layout, groups = self.plan_micro_batches(mini, acfg.ppo_micro_batch_size_per_worker)
         for rows in groups:
             if not rows:
                 self._idle_step(backward=True)
@@ -309,12 +309,12 @@ class PolicyWorker(Worker):
                     loss_agg_mode=acfg.loss_agg_mode, **clip, **norm,
                 )
             entropy_share = aggregate_loss(entropy, mask, acfg.loss_agg_mode, **norm)
-            loss = pg_loss - float(acfg.entropy_coeff) * entropy_share
+            loss = pg_loss - acfg.entropy_coeff * entropy_share
             kl_share = torch.zeros(())
             if acfg.use_kl_loss:
                 kl = kl_penalty(log_probs, mb["ref_log_probs"].to(self.device), acfg.kl_loss_type)
                 kl_share = aggregate_loss(kl, mask, acfg.loss_agg_mode, **norm)
-                loss = loss + float(acfg.kl_loss_coef) * kl_share
+                loss = loss + acfg.kl_loss_coef * kl_share
             # FSDP averages gradients over ranks; the loss is already a share of the global
             # mean, so undo that averaging.
             (loss * self.world_size).backward()
@@ -332,7 +332,7 @@ class PolicyWorker(Worker):
         self.optimizer.zero_grad(set_to_none=True)
         stats = self._backward_mini_batch(mini)
         grad_norm, skipped = clip_and_step(
-            self.model, self.optimizer, self.lr_scheduler, float(acfg.optim.grad_clip)
+            self.model, self.optimizer, self.lr_scheduler, acfg.optim.grad_clip
         )
         if self.world_size > 1:
             dist.all_reduce(stats)

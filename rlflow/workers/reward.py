@@ -66,10 +66,10 @@ class RewardWorker(Worker):
                     raise RewardError(f"data row {rows[i]}: {problem}")
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    result, failure = float(rcfg.error_score), "timeout"
+                    result, failure = rcfg.error_score, "timeout"
                 else:
                     limit = rcfg.timeout_s if remaining is None else min(rcfg.timeout_s or remaining, remaining)
-                    result, failure = guarded_score(self.score_fn, kwargs, limit, float(rcfg.error_score))
+                    result, failure = guarded_score(self.score_fn, kwargs, limit, rcfg.error_score)
                 if failure is not None:
                     (timed_out if failure == "timeout" else failed)[i] = 1.0
                 else:

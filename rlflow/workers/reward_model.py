@@ -23,7 +23,7 @@ class RewardModelWorker(Worker):
         super().__init__()
         self.cfg = typed_config(config)
         path = resolve_model_path(model_path)
-        trust = bool(self.cfg.model.trust_remote_code)
+        trust = self.cfg.model.trust_remote_code
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

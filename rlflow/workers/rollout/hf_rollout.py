@@ -29,7 +29,7 @@ class HFRolloutWorker(Worker):
     def __init__(self, config: dict) -> None:
         super().__init__()
         self.cfg = typed_config(config)
-        torch.set_num_threads(max(1, int(self.cfg.rollout.torch_threads)))
+        torch.set_num_threads(max(1, self.cfg.rollout.torch_threads))
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.model = load_causal_lm(self.cfg.model, device=self.device)
@@ -50,7 +50,7 @@ class HFRolloutWorker(Worker):
     def sampling_settings(self, temperature: Optional[float] = None, do_sample: Optional[bool] = None) -> SamplingSettings:
         """The shared config -> sampling mapping (see ``rollout/sampling.py``)."""
         return resolve_sampling(
-            self.cfg.rollout, int(self.cfg.data.max_response_length), self.eos_token_ids, temperature, do_sample
+            self.cfg.rollout, self.cfg.data.max_response_length, self.eos_token_ids, temperature, do_sample
         )
 
     def generation_config(self, temperature: float, do_sample: bool) -> GenerationConfig:
@@ -67,14 +67,14 @@ class HFRolloutWorker(Worker):
     ) -> BatchedDataDict:
         """Generate one response per row of left-padded ``input_ids`` / ``attention_mask``."""
         check_weight_version(
-            self.weight_version, expected_weight_version, int(self.cfg.rollout.max_weight_staleness), self.rank
+            self.weight_version, expected_weight_version, self.cfg.rollout.max_weight_staleness, self.rank
         )
         settings = self.sampling_settings(temperature, do_sample)
         gen_cfg = GenerationConfig(**hf_generation_kwargs(settings, self.pad_token_id))
         # Seeded per call and per rank so a run (and a resumed run) samples the same tokens.
         torch.manual_seed(int(seed) * 1009 + self.rank)
 
-        max_len = int(self.cfg.data.max_response_length)
+        max_len = self.cfg.data.max_response_length
         chunk = int(self.cfg.rollout.micro_batch_size or batch.size)
         outputs = []
         for mb in batch.make_microbatch_iterator(max(1, min(chunk, batch.size))):

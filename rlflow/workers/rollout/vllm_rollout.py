@@ -55,7 +55,7 @@ def check_vllm_rollout_config(cfg: Any) -> None:
         raise ConfigError(f"rollout.placement='{rcfg.placement}' is not valid: use one of {', '.join(PLACEMENTS)}")
     if rcfg.weight_sync not in WEIGHT_SYNCS:
         raise ConfigError(f"rollout.weight_sync='{rcfg.weight_sync}' is not valid: use one of {', '.join(WEIGHT_SYNCS)}")
-    tp = int(rcfg.tensor_parallel_size)
+    tp = rcfg.tensor_parallel_size
     if tp < 1:
         raise ConfigError(f"rollout.tensor_parallel_size={tp} must be >= 1")
     if rcfg.weight_sync == "object_store" and tp != 1:
@@ -63,29 +63,29 @@ def check_vllm_rollout_config(cfg: Any) -> None:
             f"rollout.weight_sync=object_store needs rollout.tensor_parallel_size=1 (got {tp}): the "
             "engine must run in the rollout actor's process; use rollout.weight_sync=nccl for tensor parallelism"
         )
-    if rcfg.weight_sync == "nccl" and int(rcfg.num_workers) != 1:
+    if rcfg.weight_sync == "nccl" and rcfg.num_workers != 1:
         raise ConfigError(
             f"rollout.weight_sync=nccl supports rollout.num_workers=1 (got {rcfg.num_workers}); "
             "scale the engine with rollout.tensor_parallel_size instead"
         )
-    if not 0.0 < float(rcfg.gpu_memory_utilization) <= 1.0:
+    if not 0.0 < rcfg.gpu_memory_utilization <= 1.0:
         raise ConfigError(f"rollout.gpu_memory_utilization={rcfg.gpu_memory_utilization} must be in (0, 1]")
-    if float(rcfg.cpu_kv_cache_gib) <= 0:
+    if rcfg.cpu_kv_cache_gib <= 0:
         raise ConfigError(f"rollout.cpu_kv_cache_gib={rcfg.cpu_kv_cache_gib} must be positive")
-    if int(rcfg.max_weight_staleness) < 0:
+    if rcfg.max_weight_staleness < 0:
         raise ConfigError(f"rollout.max_weight_staleness={rcfg.max_weight_staleness} must be >= 0")
-    if rcfg.placement == "colocated" and float(rcfg.gpus_per_worker) > 0:
+    if rcfg.placement == "colocated" and rcfg.gpus_per_worker > 0:
         # Colocated roles time-share one device, so their GPU shares must fit on it together.
-        shares = {"actor": float(cfg.actor.gpus_per_worker), "rollout": float(rcfg.gpus_per_worker)}
+        shares = {"actor": cfg.actor.gpus_per_worker, "rollout": rcfg.gpus_per_worker}
         if cfg.actor.get("use_kl_loss", False) or cfg.algorithm.get("use_kl_in_reward", False):
-            shares["ref"] = float(cfg.ref.gpus_per_worker)
+            shares["ref"] = cfg.ref.gpus_per_worker
         if sum(shares.values()) > 1.0 + 1e-9:
             detail = " + ".join(f"{role}.gpus_per_worker={v:g}" for role, v in shares.items())
             raise ConfigError(
                 f"rollout.placement=colocated puts actor and rollout on the same GPU, but {detail} "
                 "> 1: lower the shares (e.g. 0.4 / 0.2 / 0.4) or use rollout.placement=split"
             )
-    needed = int(cfg.data.max_prompt_length) + int(cfg.data.max_response_length)
+    needed = cfg.data.max_prompt_length + cfg.data.max_response_length
     if rcfg.max_model_len is not None and int(rcfg.max_model_len) < needed:
         raise ConfigError(
             f"rollout.max_model_len={rcfg.max_model_len} is shorter than data.max_prompt_length + "
@@ -146,8 +146,8 @@ class VLLMRolloutWorker(Worker):
         check_vllm_rollout_config(self.cfg)
         rcfg = self.cfg.rollout
         self.on_gpu = torch.cuda.is_available()
-        self.placement = str(rcfg.placement)
-        self.weight_sync = str(rcfg.weight_sync)
+        self.placement = rcfg.placement
+        self.weight_sync = rcfg.weight_sync
         _set_engine_env(self.weight_sync, self.on_gpu)
 
         self.tokenizer = load_tokenizer(self.cfg.model)
@@ -168,7 +168,7 @@ class VLLMRolloutWorker(Worker):
 
         register_object_store_backend()
         backend = OBJECT_STORE_BACKEND if self.weight_sync == "object_store" else "nccl"
-        max_model_len = rcfg.max_model_len or int(self.cfg.data.max_prompt_length) + int(
+        max_model_len = rcfg.max_model_len or self.cfg.data.max_prompt_length + int(
             self.cfg.data.max_response_length
         )
         # Sleep mode frees the GPU for the actor between rollouts; it only exists on GPU.
@@ -176,11 +176,11 @@ class VLLMRolloutWorker(Worker):
         engine_kwargs: dict[str, Any] = dict(
             model=model_path,
             tokenizer=tokenizer_path,
-            trust_remote_code=bool(self.cfg.model.trust_remote_code),
-            dtype=str(self.cfg.model.dtype),
-            tensor_parallel_size=int(rcfg.tensor_parallel_size),
-            enforce_eager=bool(rcfg.enforce_eager),
-            seed=int(self.cfg.trainer.seed) + self.rank,
+            trust_remote_code=self.cfg.model.trust_remote_code,
+            dtype=self.cfg.model.dtype,
+            tensor_parallel_size=rcfg.tensor_parallel_size,
+            enforce_eager=rcfg.enforce_eager,
+            seed=self.cfg.trainer.seed + self.rank,
             max_model_len=int(max_model_len),
             # Log-probs after temperature (and top-k/top-p), the distribution the tokens were
             # drawn from; with top_p=1 and top_k off they equal the actor's log-probs.
@@ -189,13 +189,13 @@ class VLLMRolloutWorker(Worker):
             enable_sleep_mode=self.sleep_between_rollouts,
         )
         if self.on_gpu:
-            engine_kwargs["gpu_memory_utilization"] = float(rcfg.gpu_memory_utilization)
+            engine_kwargs["gpu_memory_utilization"] = rcfg.gpu_memory_utilization
         else:
             # An explicit size: the CPU default reserves a fraction of the whole machine's RAM.
-            engine_kwargs["kv_cache_memory_bytes"] = int(float(rcfg.cpu_kv_cache_gib) * 2**30)
+            engine_kwargs["kv_cache_memory_bytes"] = int(rcfg.cpu_kv_cache_gib * 2**30)
         self.receives_adapters = receives_adapters(self.cfg)
         if self.receives_adapters:
-            engine_kwargs.update(lora_engine_kwargs(int(self.cfg.actor.lora.rank)))
+            engine_kwargs.update(lora_engine_kwargs(self.cfg.actor.lora.rank))
         engine_kwargs.update(rcfg.engine_kwargs)
         self.llm = LLM(**engine_kwargs)
         self.adapter = VLLMAdapterSlot(self.llm, self.cfg.actor.lora, model_path)
@@ -232,7 +232,7 @@ class VLLMRolloutWorker(Worker):
     def sampling_settings(self, temperature: Optional[float] = None, do_sample: Optional[bool] = None) -> SamplingSettings:
         """The shared config -> sampling mapping (see ``rollout/sampling.py``)."""
         return resolve_sampling(
-            self.cfg.rollout, int(self.cfg.data.max_response_length), self.eos_token_ids, temperature, do_sample
+            self.cfg.rollout, self.cfg.data.max_response_length, self.eos_token_ids, temperature, do_sample
         )
 
     def sampling_params(self, settings: SamplingSettings, seeds: list[int]) -> list:
@@ -256,7 +256,7 @@ class VLLMRolloutWorker(Worker):
         rollout_log_probs (all ``[B, ...]`` tensors) and weight_version (a list of ints).
         """
         check_weight_version(
-            self.weight_version, expected_weight_version, int(self.cfg.rollout.max_weight_staleness), self.rank
+            self.weight_version, expected_weight_version, self.cfg.rollout.max_weight_staleness, self.rank
         )
         from vllm.inputs import TokensPrompt
 
