@@ -44,7 +44,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from rlflow.utils.torch_functional import entropy_from_logits, logprobs_from_logits
+from rlflow.utils.torch_functional import (
+    entropy_from_logits,
+    logprobs_and_entropy_from_hidden,
+    logprobs_from_logits,
+)
 
 __all__ = [
     "LAYOUTS",
@@ -341,17 +345,37 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
         return False
 
 
+def _plain_lm_head(model: torch.nn.Module) -> Optional[torch.nn.Linear]:
+    """The model's LM head when its logits are exactly ``linear(hidden)``, else None.
+
+    Models that rescale or soft-cap the logits after the head (Gemma's final softcapping,
+    Cohere's logit_scale) are scored the direct way, so no number changes for them.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None) is not None or hasattr(config, "logit_scale"):
+        return None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return head if type(head) is torch.nn.Linear else None
+
+
 def score_responses(
     model: torch.nn.Module,
     inputs: ModelInputs,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    chunked: bool = True,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-token log-probs (and entropy) of the scored response tokens, ``[B, T]`` float32.
 
     Logits are divided by ``temperature`` (the sampling temperature, so log-probs match the
     distribution the rollout sampled from). Positions that are not scored hold 0. Only the
     kept positions go through the LM head when the model supports ``logits_to_keep``.
+
+    ``chunked`` (default): the LM head projects and log-softmaxes a block of tokens at a time
+    (``logprobs_and_entropy_from_hidden``), so the float32 ``[tokens, vocab]`` logits of the
+    micro-batch never exist, in forward or backward; same numbers and gradients as
+    ``chunked=False``, which computes all the logits first.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -375,17 +399,27 @@ def score_responses(
         columns = keep.any(dim=0).nonzero().squeeze(-1)
         kwargs["logits_to_keep"] = columns
         keep = keep[:, columns]
+    num_scored = int(inputs.targets.shape[0])
+    shape = inputs.scatter.shape
+    head = _plain_lm_head(model) if chunked else None
+    if head is not None:
+        scores = _run_with_chunked_head(model, head, kwargs, keep, inputs, temperature, with_entropy)
+        log_probs = scores.new_zeros(shape)
+        log_probs[inputs.scatter] = scores[:, 0]
+        entropy = None
+        if with_entropy:
+            entropy = scores.new_zeros(shape)
+            entropy[inputs.scatter] = scores[:, 1]
+        return log_probs, entropy
     logits = model(**kwargs).logits
     if logits.shape[1] != keep.shape[1]:  # the model ignored logits_to_keep
         keep = inputs.keep
     logits = logits[keep]
     logits = logits.float() / temperature
-    num_scored = int(inputs.targets.shape[0])
     if logits.shape[0] != num_scored:
         raise RuntimeError(
             f"model returned logits for {logits.shape[0]} positions, expected {num_scored}"
         )
-    shape = inputs.scatter.shape
     log_probs = logits.new_zeros(shape)
     log_probs[inputs.scatter] = logprobs_from_logits(logits, inputs.targets)
     entropy = None
@@ -393,3 +427,38 @@ def score_responses(
         entropy = logits.new_zeros(shape)
         entropy[inputs.scatter] = entropy_from_logits(logits)
     return log_probs, entropy
+
+
+def _run_with_chunked_head(
+    model: torch.nn.Module,
+    head: torch.nn.Linear,
+    kwargs: dict,
+    keep: torch.Tensor,
+    inputs: ModelInputs,
+    temperature: float,
+    with_entropy: bool,
+) -> torch.Tensor:
+    """Run ``model`` with its LM head swapped for the chunked scorer; ``[K, 1 or 2]`` scores.
+
+    The scores leave the model as its ``logits`` output, so the model's own hooks (FSDP2's
+    all-gather / reduce-scatter of the head and embedding) see the gradient pass through them
+    exactly as they see ordinary logits.
+    """
+
+    def scored_head(hidden: torch.Tensor) -> torch.Tensor:
+        rows = hidden[keep] if hidden.shape[:2] == keep.shape else hidden[inputs.keep]
+        if rows.shape[0] != inputs.targets.shape[0]:
+            raise RuntimeError(
+                f"model returned hidden states for {rows.shape[0]} positions, expected "
+                f"{inputs.targets.shape[0]}"
+            )
+        log_probs, entropy = logprobs_and_entropy_from_hidden(
+            rows, head.weight, inputs.targets, head.bias, temperature, with_entropy
+        )
+        return torch.stack([log_probs, entropy], -1) if with_entropy else log_probs[:, None]
+
+    head.forward = scored_head  # this instance only, for this call
+    try:
+        return model(**kwargs).logits
+    finally:
+        del head.forward

@@ -20,6 +20,7 @@ __all__ = [
     "compute_position_ids",
     "logprobs_from_logits",
     "entropy_from_logits",
+    "logprobs_and_entropy_from_hidden",
     "masked_sum",
     "masked_mean",
     "masked_var",
@@ -267,6 +268,107 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(work, dim=-1)
         out.append(torch.logsumexp(work, dim=-1) - (probs * work).sum(dim=-1))
     return torch.cat(out).reshape(logits.shape[:-1])
+
+
+# float32 logits computed at once by ``logprobs_and_entropy_from_hidden``: 2**24 elements
+# (64 MiB), i.e. 341 tokens of a 49k vocabulary, the whole batch for a tiny one.
+_HEAD_CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunk_logits(hidden, weight, bias, temperature) -> torch.Tensor:
+    # the LM head in the model's dtype, then float32: the same numbers as the model's logits
+    return _upcast(torch.nn.functional.linear(hidden, weight, bias)) / temperature
+
+
+class _ChunkedHeadScores(torch.autograd.Function):
+    """Log-probs and entropy through the LM head, ``rows`` tokens of logits at a time.
+
+    Backward recomputes each chunk's logits instead of keeping them, so neither pass holds
+    more than one ``[rows, V]`` float32 block (plus its softmax and gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, with_entropy, rows):
+        num = hidden.shape[0]
+        dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        log_probs = hidden.new_empty(num, dtype=dtype)
+        lse = hidden.new_empty(num, dtype=dtype)
+        mean_logit = hidden.new_zeros(num, dtype=dtype)  # E_p[z], for the entropy
+        for s in range(0, num, rows):
+            z = _chunk_logits(hidden[s : s + rows], weight, bias, temperature)
+            lse[s : s + rows] = torch.logsumexp(z, dim=-1)
+            picked = z.gather(-1, targets[s : s + rows, None]).squeeze(-1)
+            log_probs[s : s + rows] = picked - lse[s : s + rows]
+            if with_entropy:
+                mean_logit[s : s + rows] = (torch.softmax(z, dim=-1) * z).sum(dim=-1)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, mean_logit)
+        ctx.temperature, ctx.rows = temperature, rows
+        ctx.set_materialize_grads(False)  # None for an output nothing used: skip its term
+        entropy = lse - mean_logit if with_entropy else None
+        return log_probs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, grad_entropy):
+        hidden, weight, bias, targets, lse, mean_logit = ctx.saved_tensors
+        temperature, rows = ctx.temperature, ctx.rows
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=acc) if need_b and bias is not None else None
+        if grad_log_probs is None and grad_entropy is None:
+            return grad_h, grad_w, grad_b, None, None, None, None
+        for s in range(0, hidden.shape[0], rows):
+            h = hidden[s : s + rows]
+            z = _chunk_logits(h, weight, bias, temperature)
+            probs = torch.exp(z - lse[s : s + rows, None])
+            grad_z = torch.zeros_like(z)
+            if grad_log_probs is not None:
+                # d log p(y) / dz = onehot(y) - p
+                g = grad_log_probs[s : s + rows, None]
+                grad_z -= probs * g
+                grad_z.scatter_add_(-1, targets[s : s + rows, None], g.to(z.dtype))
+            if grad_entropy is not None:
+                # dH / dz = -p * (z - E_p[z])
+                grad_z -= probs * (z - mean_logit[s : s + rows, None]) * grad_entropy[s : s + rows, None]
+            grad_z = (grad_z / temperature).to(weight.dtype)
+            if need_h:
+                grad_h[s : s + rows] = grad_z @ weight
+            if need_w:
+                grad_w += (grad_z.t() @ h).to(acc)
+            if grad_b is not None:
+                grad_b += grad_z.to(acc).sum(0)
+        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
+        return grad_h, cast(grad_w, weight), cast(grad_b, bias), None, None, None, None
+
+
+def logprobs_and_entropy_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of ``targets`` and entropy under ``softmax(linear(hidden, weight, bias) / T)``.
+
+    The same numbers and gradients (for ``hidden``, ``weight`` and ``bias``) as projecting all
+    of ``hidden`` ``[K, H]`` to ``[K, V]`` float32 logits and calling ``logprobs_from_logits``
+    / ``entropy_from_logits``, without ever holding those logits: ``chunk_rows`` tokens at a
+    time (default: ``_HEAD_CHUNK_ELEMENTS // V``), recomputed in backward. Chunking over the
+    vocabulary as well would only pay off when one token's logits no longer fit, which no
+    current vocabulary approaches. Returns float32 ``[K]`` tensors (float64 for float64 inputs);
+    entropy None unless asked.
+    """
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(
+            f"hidden must be [K, H] and targets [K], got {tuple(hidden.shape)} and {tuple(targets.shape)}"
+        )
+    rows = chunk_rows or max(1, _HEAD_CHUNK_ELEMENTS // max(int(weight.shape[0]), 1))
+    return _ChunkedHeadScores.apply(
+        hidden, weight, bias, targets.long(), float(temperature), bool(with_entropy), int(rows)
+    )
 
 
 # --------------------------------------------------------------------------------------

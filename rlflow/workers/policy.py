@@ -191,34 +191,42 @@ class PolicyWorker(Worker):
 
     @torch.no_grad()
     def compute_log_prob(
-        self, batch: BatchedDataDict, micro_batch_size: int, reference: bool = False
+        self,
+        batch: BatchedDataDict,
+        micro_batch_size: int,
+        reference: bool = False,
+        with_entropy: bool = False,
     ) -> BatchedDataDict:
-        """Per-token log-probs (and entropy) of ``responses`` under the current weights.
+        """Per-token log-probs (and, if asked, entropy) of ``responses`` under the current weights.
 
-        Returns ``{"log_probs", "entropy"}``, each ``[B, T_resp]`` float32 in the rows' original
-        order (dynamic batching and packing run them sorted or binned), 0 at unscored positions.
-        ``micro_batch_size`` applies to fixed-size micro-batches only. ``reference``: score with
-        the reference policy, the frozen base with the LoRA adapters off (``actor.lora``).
+        Returns ``{"log_probs"}`` (plus ``"entropy"`` with ``with_entropy``), each ``[B, T_resp]``
+        float32 in the rows' original order (dynamic batching and packing run them sorted or
+        binned), 0 at unscored positions. The trainer only reads the log-probs (old and
+        reference), so the entropy is not computed by default. ``micro_batch_size`` applies to
+        fixed-size micro-batches only. ``reference``: score with the reference policy, the
+        frozen base with the LoRA adapters off (``actor.lora``).
         """
         if reference:
             with adapters_disabled(self.model):
-                return self.compute_log_prob(batch, micro_batch_size)
+                return self.compute_log_prob(batch, micro_batch_size, with_entropy=with_entropy)
         self.model.eval()
         layout, groups = self.plan_micro_batches(batch, micro_batch_size)
         shape = batch["responses"].shape
-        log_probs = torch.zeros(shape, dtype=torch.float32)
-        entropy = torch.zeros(shape, dtype=torch.float32)
+        out = {"log_probs": torch.zeros(shape, dtype=torch.float32)}
+        if with_entropy:
+            out["entropy"] = torch.zeros(shape, dtype=torch.float32)
         for rows in groups:
             if not rows:
                 self._idle_step(backward=False)
                 continue
-            lp, ent = self._forward(batch.select_indices(rows), layout, with_entropy=True)
+            lp, ent = self._forward(batch.select_indices(rows), layout, with_entropy=with_entropy)
             index = torch.tensor(rows)
-            log_probs[index] = lp.cpu()
-            entropy[index] = ent.cpu()
+            out["log_probs"][index] = lp.cpu()
+            if with_entropy:
+                out["entropy"][index] = ent.cpu()
         if self.trainable:
             self.model.train()
-        return BatchedDataDict({"log_probs": log_probs, "entropy": entropy})
+        return BatchedDataDict(out)
 
     # ----------------------------------------------------------------- update
     def update_policy(self, batch: BatchedDataDict, mini_batch_size: int) -> dict[str, float]:
@@ -295,7 +303,11 @@ class PolicyWorker(Worker):
                 continue
             mb = mini.select_indices(rows)
             mask = mb["response_mask"].to(self.device).float()
+            # The entropy is always reported (actor/entropy); with entropy_coeff 0 it stays out
+            # of the graph, so its backward term is never computed.
             log_probs, entropy = self._forward(mb, layout, with_entropy=True)
+            if float(acfg.entropy_coeff) == 0.0:
+                entropy = entropy.detach()
             old = mb["old_log_probs"].to(self.device) if "old_log_probs" in mb else log_probs.detach()
             adv = mb["advantages"].to(self.device)
             clip = dict(clip_ratio_low=acfg.clip_ratio_low, clip_ratio_high=acfg.clip_ratio_high)
