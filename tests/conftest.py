@@ -9,6 +9,13 @@ from collections.abc import Iterator
 
 import pytest
 
+# The real model and datasets of tests/real are fetched once into the user's rlflow cache and
+# reused by every run; fix their folder before the private cache below replaces RLFLOW_CACHE.
+if not os.environ.get("RLFLOW_REAL_PARTS"):
+    from tools.real_parts import real_parts_root
+
+    os.environ["RLFLOW_REAL_PARTS"] = str(real_parts_root())
+
 # Demo assets (tiny model, parquet) are built once per test session in a private cache, never
 # in the user's ~/.cache; set at import so every Ray worker started later inherits it.
 os.environ.setdefault("RLFLOW_CACHE", tempfile.mkdtemp(prefix="rlflow-test-cache-"))

@@ -3,7 +3,9 @@
 The driver repeats each prompt ``rollout.n`` times before sharding, so a worker generates one
 response per row. Responses are right-padded to ``data.max_response_length``; the mask covers
 tokens up to and including the first EOS, which is what the trainer and the reward expect
-whatever the backend.
+whatever the backend. Like the vLLM backend, the result carries ``rollout_log_probs``: the
+log-prob of each sampled token under the distribution the actor scores (logits divided by
+the sampling temperature), 0 outside the response mask.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Optional
 
 import ray
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from rlflow.config.schema import typed_config
 from rlflow.data.batched_data_dict import BatchedDataDict
@@ -80,11 +82,17 @@ class HFRolloutWorker(Worker):
         for mb in batch.make_microbatch_iterator(max(1, min(chunk, batch.size))):
             prompts = mb["input_ids"].to(self.device)
             prompt_mask = mb["attention_mask"].to(self.device)
-            out = self.model.generate(input_ids=prompts, attention_mask=prompt_mask, generation_config=gen_cfg)
+            recorder = _SampledTokenLogProbs(settings.temperature if not settings.greedy else 1.0)
+            out = self.model.generate(
+                input_ids=prompts, attention_mask=prompt_mask, generation_config=gen_cfg,
+                logits_processor=LogitsProcessorList([recorder]),
+            )
             responses = out[:, prompts.shape[1]:]
+            log_probs = recorder.finish(out)
             if responses.shape[1] < max_len:
                 pad = responses.new_full((responses.shape[0], max_len - responses.shape[1]), self.pad_token_id)
                 responses = torch.cat([responses, pad], dim=1)
+                log_probs = torch.cat([log_probs, log_probs.new_zeros(pad.shape)], dim=1)
             response_mask = get_response_mask(responses, settings.stop_token_ids, self.pad_token_id)
             # Anything after the first stop token is not part of the answer; make it padding.
             responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, self.pad_token_id))
@@ -96,6 +104,7 @@ class HFRolloutWorker(Worker):
                 "input_ids": torch.cat([prompts, responses], dim=1).cpu(),
                 "attention_mask": attention_mask.cpu(),
                 "position_ids": compute_position_ids(attention_mask).cpu(),
+                "rollout_log_probs": (log_probs * response_mask).cpu(),
             }))
         result = BatchedDataDict.from_batches(outputs)
         result["weight_version"] = [self.weight_version] * result.size
@@ -128,3 +137,36 @@ class HFRolloutWorker(Worker):
             )
         self.weight_version = int(version)
         return self.weight_version
+
+
+class _SampledTokenLogProbs(LogitsProcessor):
+    """Records ``log_softmax(logits / temperature)`` at each sampled token.
+
+    ``generate`` runs custom processors before its temperature / top-k / top-p warpers, so the
+    scores seen here are the model's logits. The token drawn from one step's scores is only
+    known at the next call (the last column of ``input_ids``), or, for the final step, from
+    the finished sequences; only one step's ``[B, V]`` log-probs are held at a time.
+    """
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = float(temperature)
+        self.previous: Optional[torch.Tensor] = None
+        self.steps: list[torch.Tensor] = []
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(-1, tokens[:, None]).squeeze(-1))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.previous is not None:
+            self._take(input_ids[:, -1])
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """``[B, generated]`` float32 log-probs of the generated tokens of ``sequences``."""
+        self._take(sequences[:, -1])
+        self.previous = None
+        if not self.steps:
+            return torch.zeros(sequences.shape[0], 0)
+        return torch.stack(self.steps, dim=1).float()
