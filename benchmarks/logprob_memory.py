@@ -6,15 +6,18 @@ already holds:
 
 * ``compute_log_prob``: ``PolicyWorker.compute_log_prob`` on one micro-batch (no grad);
 * ``update``: one update micro-batch, ``PolicyWorker._backward_mini_batch`` (forward, clipped
-  PG loss with the logged entropy, backward; gradient checkpointing on, as memory-bound runs use).
+  PG loss with the logged entropy, backward; gradient checkpointing on, as memory-bound runs
+  use), with the gradient buffers already allocated as after a previous micro-batch (the
+  first micro-batch of a mini-batch adds the same 513 MiB of float32 gradients to both paths).
 
 Each micro-batch holds ``--tokens`` tokens: sequences of 1,024 tokens (256 prompt + 768
 response, random ids) packed into one row. ``direct`` is the previous code path (the model
 returns ``[tokens, vocab]`` logits, then log-softmax); ``chunked`` is the default
 (``score_responses(chunked=True)``). Every measurement runs in a fresh process on CPU: the
 peak resident set size (``VmHWM``) is reset with ``/proc/self/clear_refs`` right before the
-call, and the reported number is the peak minus the resident size just before it. The
-script also checks that both paths give the same log-probs.
+call, and the reported number is the peak minus the resident size just before it (glibc is
+told to return freed blocks at once, see ``MALLOC_ENV``). The script also checks that both
+paths give the same log-probs.
 
     python benchmarks/logprob_memory.py                     # 2k and 8k tokens
     python benchmarks/logprob_memory.py --tokens 2048       # one size
@@ -32,6 +35,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# glibc keeps freed blocks below its (adaptive, up to 32 MiB) mmap threshold in the heap, so
+# the resident size would include memory that is free; a fixed 64 KiB threshold maps every
+# tensor-sized block and returns it on free, so the resident size follows live memory.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 SEQ_LEN, PROMPT_LEN = 1024, 256
 
 
@@ -82,6 +89,9 @@ def measure(model: str, tokens: int, phase: str, mode: str) -> dict:
         result = worker.compute_log_prob(batch, micro_batch_size=rows)["log_probs"]
     else:
         batch["old_log_probs"] = worker.compute_log_prob(batch, micro_batch_size=rows)["log_probs"]
+        # gradient buffers as a previous micro-batch of the mini-batch leaves them
+        for param in worker.model.parameters():
+            param.grad = torch.zeros_like(param)
         Path("/proc/self/clear_refs").write_text("5")
         before = _rss_kib("VmRSS")
         start = time.perf_counter()
@@ -116,7 +126,7 @@ def main() -> int:
             for mode in ("direct", "chunked"):
                 proc = subprocess.run(
                     [sys.executable, __file__, "--model", args.model, "--one", str(tokens), phase, mode],
-                    capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                    capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO), **MALLOC_ENV),
                 )
                 if proc.returncode != 0:
                     print(proc.stderr[-2000:], file=sys.stderr)

@@ -270,21 +270,21 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat(out).reshape(logits.shape[:-1])
 
 
-# float32 logits computed at once by ``logprobs_and_entropy_from_hidden``: 2**24 elements
-# (64 MiB), i.e. 341 tokens of a 49k vocabulary, the whole batch for a tiny one.
-_HEAD_CHUNK_ELEMENTS = 1 << 24
+# float32 logits computed at once by ``logprobs_and_entropy_from_hidden``: 2**23 elements
+# (32 MiB), i.e. 170 tokens of a 49k vocabulary, the whole batch for a tiny one.
+_HEAD_CHUNK_ELEMENTS = 1 << 23
 
 
 def _chunk_logits(hidden, weight, bias, temperature) -> torch.Tensor:
     # the LM head in the model's dtype, then float32: the same numbers as the model's logits
-    return _upcast(torch.nn.functional.linear(hidden, weight, bias)) / temperature
+    return _upcast(torch.nn.functional.linear(hidden, weight, bias)).div_(temperature)
 
 
 class _ChunkedHeadScores(torch.autograd.Function):
     """Log-probs and entropy through the LM head, ``rows`` tokens of logits at a time.
 
     Backward recomputes each chunk's logits instead of keeping them, so neither pass holds
-    more than one ``[rows, V]`` float32 block (plus its softmax and gradient).
+    more than two ``[rows, V]`` float32 blocks at a time.
     """
 
     @staticmethod
@@ -300,7 +300,7 @@ class _ChunkedHeadScores(torch.autograd.Function):
             picked = z.gather(-1, targets[s : s + rows, None]).squeeze(-1)
             log_probs[s : s + rows] = picked - lse[s : s + rows]
             if with_entropy:
-                mean_logit[s : s + rows] = (torch.softmax(z, dim=-1) * z).sum(dim=-1)
+                mean_logit[s : s + rows] = torch.linalg.vecdot(torch.softmax(z, dim=-1), z)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, mean_logit)
         ctx.temperature, ctx.rows = temperature, rows
         ctx.set_materialize_grads(False)  # None for an output nothing used: skip its term
@@ -321,20 +321,26 @@ class _ChunkedHeadScores(torch.autograd.Function):
         for s in range(0, hidden.shape[0], rows):
             h = hidden[s : s + rows]
             z = _chunk_logits(h, weight, bias, temperature)
-            probs = torch.exp(z - lse[s : s + rows, None])
-            grad_z = torch.zeros_like(z)
-            if grad_log_probs is not None:
-                # d log p(y) / dz = onehot(y) - p
-                g = grad_log_probs[s : s + rows, None]
-                grad_z -= probs * g
-                grad_z.scatter_add_(-1, targets[s : s + rows, None], g.to(z.dtype))
+            probs = (z - lse[s : s + rows, None]).exp_()
+            # d(g_lp * log p(y) + g_ent * H) / dz = g_lp * onehot(y) + p * (-g_lp - g_ent * (z - E_p[z])),
+            # built in place in z and probs: two [rows, V] blocks at a time
+            coef = z
             if grad_entropy is not None:
-                # dH / dz = -p * (z - E_p[z])
-                grad_z -= probs * (z - mean_logit[s : s + rows, None]) * grad_entropy[s : s + rows, None]
-            grad_z = (grad_z / temperature).to(weight.dtype)
+                coef.sub_(mean_logit[s : s + rows, None]).mul_(-grad_entropy[s : s + rows, None])
+            else:
+                coef.zero_()
+            if grad_log_probs is not None:
+                coef.sub_(grad_log_probs[s : s + rows, None])
+            grad_z = probs.mul_(coef)
+            del z, coef
+            if grad_log_probs is not None:
+                grad_z.scatter_add_(-1, targets[s : s + rows, None], grad_log_probs[s : s + rows, None].to(grad_z.dtype))
+            grad_z = grad_z.div_(temperature).to(weight.dtype)
             if need_h:
                 grad_h[s : s + rows] = grad_z @ weight
-            if need_w:
+            if need_w and grad_w.dtype == h.dtype:
+                grad_w.addmm_(grad_z.t(), h)  # in place: no [V, H] temporary per chunk
+            elif need_w:
                 grad_w += (grad_z.t() @ h).to(acc)
             if grad_b is not None:
                 grad_b += grad_z.to(acc).sum(0)
