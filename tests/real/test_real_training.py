@@ -1,7 +1,8 @@
 """GRPO and DPO on the real model through Ray actor groups (one Ray cluster for the module).
 
 Sizes are the smallest that still mean something on SmolLM2-135M-Instruct: 2 real prompts x
-2 samples x 16 response tokens per GRPO step, 16 real preference pairs for DPO.
+2 samples x 16 response tokens per GRPO step; DPO on the 8 shortest real preference pairs
+(two epochs), judged on 8 held-out pairs.
 """
 
 from __future__ import annotations
@@ -112,11 +113,11 @@ def test_dpo_real_pairs_held_out_accuracy_rises(ray_cluster, real_model, prefere
     out = tmp_path / "dpo"
     cfg = rlflow.compose_config("dpo", overrides=[
         f"model.path={real_model}",
-        f"data.train_files=[{shortest('train', 16)}]",
+        f"data.train_files=[{shortest('train', 8)}]",
         f"data.val_files=[{shortest('test', 8)}]",
-        "data.train_batch_size=8",
-        "data.max_prompt_length=128",
-        "data.max_response_length=128",
+        "data.train_batch_size=4",
+        "data.max_prompt_length=96",
+        "data.max_response_length=64",
         "actor.num_workers=1",
         "actor.ppo_micro_batch_size_per_worker=8",
         "actor.optim.lr=1e-5",
