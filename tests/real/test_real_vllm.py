@@ -2,8 +2,10 @@
 
 One GRPO step on two real GSM8K questions through every role: the engine's log-probs of the
 sampled tokens match the actor's, the PPO ratio is 1 and the KL to the reference 0 before
-the update. vLLM's CPU engine runs the model in bfloat16 where the trainer runs float32, so
-the engine/actor tolerance is wider than for the HF backend: ``VLLM_TOL`` on the mean gap.
+the update. vLLM computes the log-probs with its own CPU kernels (paged attention, fused
+norms and activations) rather than transformers' modules, so the engine/actor bounds are
+looser than the HF backend's (1e-3, measured ~2e-5): ``VLLM_MEAN_TOL`` on the mean gap over
+the response tokens and ``VLLM_MAX_TOL`` on the largest one.
 """
 
 from __future__ import annotations
