@@ -12,7 +12,7 @@ straight away is cut off.
 The held-out reward (greedy decoding) is measured before the first step and after the last;
 steps, wall time and tokens/s come from the trainer's metrics.
 
-    python benchmarks/grpo_real_gsm8k.py                       # 16 steps, ~15 min on 2 cores
+    python benchmarks/grpo_real_gsm8k.py                       # 16 steps, lr 1e-5
     python benchmarks/grpo_real_gsm8k.py --steps 2 --val 16    # quick look
 """
 
@@ -66,6 +66,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--val", type=int, default=128, help="held-out prompts")
+    parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--out", default=None, help="output folder (default: a temporary one)")
     args = parser.parse_args()
 
@@ -95,7 +96,7 @@ def main() -> int:
         "actor.ppo_mini_batch_size=8",
         "actor.ppo_micro_batch_size_per_worker=32",
         "actor.use_kl_loss=false",
-        "actor.optim.lr=2e-6",
+        f"actor.optim.lr={args.lr}",
         f"trainer.total_steps={args.steps}",
         f"trainer.test_freq={args.steps}",
         "trainer.val_before_train=true",
