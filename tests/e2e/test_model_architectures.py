@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import rlflow
-from conftest import TINY_ARCHITECTURES, build_tiny_model
+from tiny_models import TINY_ARCHITECTURES, build_tiny_model
 from rlflow.export import export_hf_model
 
 pytestmark = pytest.mark.ray

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import build_tiny_model
+from tiny_models import build_tiny_model
 from test_gradient_invariance import TOL, _free_port, make_batch, make_config, set_mode
 
 ARCHS = ("gpt2", "opt", "gemma2")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import TINY_ARCHITECTURES, build_tiny_model
+from tiny_models import TINY_ARCHITECTURES, build_tiny_model
 from rlflow.config.compose import compose_config
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.errors import ConfigError
