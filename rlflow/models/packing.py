@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from rlflow.data.batch_sizes import round_up
 from rlflow.utils.torch_functional import (
     entropy_from_logits,
     logprobs_and_entropy_from_hidden,
@@ -88,10 +89,6 @@ class ModelInputs:
     scatter: torch.Tensor  # [B, T] bool, K entries True
     # packed + varlen only: sequence boundaries [0, len_0, len_0 + len_1, ..., N], int32
     cu_seqlens: Optional[torch.Tensor] = None
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 def _check_rows(
@@ -301,7 +298,7 @@ def build_model_inputs(
     rows = torch.arange(batch, device=device)[:, None].expand(batch, width)
     resp_rows = rows[:, prompt_len:]
     if layout == "unpadded":
-        out_width = _round_up(max(int(lengths.max()), 1), round_to)
+        out_width = round_up(max(int(lengths.max()), 1), round_to)
         ids = input_ids.new_zeros(batch, out_width)
         pos = position_ids.new_zeros(batch, out_width)
         ids[rows[valid], compact[valid]] = input_ids[valid]
