@@ -1,0 +1,1 @@
+"""Multi-turn agentic rollouts: environments, tools and the token-in/token-out episode loop."""
