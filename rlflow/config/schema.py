@@ -368,6 +368,29 @@ class TrainerConfig:
 
 
 @dataclass
+class AgentConfig:
+    """Multi-turn episodes (docs/agents.md); off by default (single-turn rollouts)."""
+
+    enable: bool = False
+    # Built in: "tools" (call agent.tools; a turn without a call is the answer, scored by
+    # reward.*) or "guess_number"; or a class name in the file agent.environment_path.
+    environment: str = "tools"
+    environment_path: Optional[str] = None
+    # Built-in tools by name (calculator) or "file.py:function".
+    tools: List[str] = field(default_factory=list)
+    # hermes (<tool_call>{json}</tool_call>), plain (<tool_call>ARG</tool_call>) or file.py:function.
+    tool_parser: str = "hermes"
+    max_turns: int = 4
+    # Tokens per model turn (None: data.max_response_length, which bounds the whole episode).
+    max_tokens_per_turn: Optional[int] = None
+    tool_timeout_s: Optional[float] = 10.0
+    # An environment step that raises or runs past step_timeout_s ends its episode with
+    # error_reward (counted in agent/env_errors).
+    step_timeout_s: Optional[float] = 30.0
+    error_reward: float = 0.0
+
+
+@dataclass
 class RLFlowConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -377,6 +400,7 @@ class RLFlowConfig:
     ref: RefConfig = field(default_factory=RefConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -74,6 +74,10 @@ TEST_SIZE = 256
 MAX_OPERAND = 4
 OPS = ("+",)
 
+# ---- guess-the-number episodes (multi-turn demo): a secret in [0, GUESS_MAX] per row ---------
+GUESS_MAX = 7
+GUESS_TRAIN_SIZE = 2048
+
 # ---- arithmetic preference pairs (DPO) ------------------------------------------------------
 PREFERENCE_TRAIN_SIZE = 2048
 PREFERENCE_TEST_SIZE = 256
@@ -81,6 +85,7 @@ PREFERENCE_TEST_SIZE = 256
 MODEL_NAME = "tiny-char-lm"
 DATA_NAME = "arithmetic"
 PREFERENCE_DATA_NAME = "arithmetic_preference"
+GUESS_DATA_NAME = "guess_number"
 DATA_FILES = ("train.parquet", "test.parquet")
 
 
@@ -303,10 +308,39 @@ def ensure_demo_preference_data() -> dict[str, str]:
     return {split: str(folder / f"{split}.parquet") for split in ("train", "test")}
 
 
+def _write_guess_data(folder: Path) -> None:
+    import random
+
+    from rlflow.utils.bundled import import_data_preprocess
+
+    def rows(size: int, seed: int, split: str) -> list[dict]:
+        rng = random.Random(seed)
+        return [{
+            "data_source": GUESS_DATA_NAME,
+            "prompt": [{"role": "user", "content": f"0-{GUESS_MAX}"}],
+            "reward_model": {"style": "rule", "ground_truth": str(rng.randint(0, GUESS_MAX))},
+            "extra_info": {"split": split, "index": i},
+        } for i in range(size)]
+
+    import_data_preprocess("_preprocess_io").write_splits(
+        {"train": rows(GUESS_TRAIN_SIZE, DATA_SEED, "train"), "test": rows(TEST_SIZE, DATA_SEED + 1, "test")},
+        folder,
+    )
+
+
+def ensure_guess_data() -> dict[str, str]:
+    """``{"train": path, "test": path}`` of the guess-the-number rows (prompt ``0-7``, the
+    secret as ground truth), created first."""
+    spec = {"seed": DATA_SEED, "max": GUESS_MAX, "train_size": GUESS_TRAIN_SIZE, "test_size": TEST_SIZE}
+    folder = _build_atomically(_demo_dir() / f"{GUESS_DATA_NAME}-{_fingerprint(spec)}", _write_guess_data)
+    return {split: str(folder / f"{split}.parquet") for split in ("train", "test")}
+
+
 # demo data name -> function that builds it and returns {"train": path, "test": path}
 _DATASETS: dict[str, Callable[[], dict[str, str]]] = {
     DATA_NAME: ensure_demo_data,
     PREFERENCE_DATA_NAME: ensure_demo_preference_data,
+    GUESS_DATA_NAME: ensure_guess_data,
 }
 
 

@@ -71,6 +71,24 @@ def check_config(cfg: DictConfig) -> None:
     check_lora_config(cfg)
 
 
+def check_agent_config(cfg: DictConfig) -> None:
+    from rlflow.agents.tools import PARSERS
+
+    acfg = cfg.agent
+    _positive(cfg, "agent.max_turns")
+    if acfg.max_tokens_per_turn is not None:
+        _positive(cfg, "agent.max_tokens_per_turn")
+    for key in ("tool_timeout_s", "step_timeout_s"):
+        if acfg[key] is not None:
+            _non_negative(f"agent.{key}", acfg[key])
+    if acfg.environment == "tools" and not acfg.environment_path and not acfg.tools:
+        raise ConfigError("agent.environment=tools needs agent.tools (e.g. [calculator] or [file.py:function])")
+    if acfg.tool_parser not in PARSERS and ":" not in acfg.tool_parser:
+        raise ConfigError(
+            f"agent.tool_parser='{acfg.tool_parser}' is not valid: use one of {', '.join(PARSERS)} or file.py:function"
+        )
+
+
 def check_rl_config(cfg: DictConfig) -> None:
     from rlflow.algorithms.advantages import ADVANTAGE_ESTIMATORS
     from rlflow.algorithms.kl_control import KL_CONTROLLER_TYPES
@@ -96,6 +114,8 @@ def check_rl_config(cfg: DictConfig) -> None:
         )
     for key in ("temperature", "val_temperature"):
         _non_negative(f"rollout.{key}", cfg.rollout[key])
+    if cfg.agent.enable:
+        check_agent_config(cfg)
     if not 0.0 < cfg.rollout.top_p <= 1.0:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
     if cfg.actor.use_kl_loss:

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from rlflow.algorithms.advantages import compute_advantages
+from rlflow.agents.environments import environment_factory
 from rlflow.algorithms.kl_control import apply_kl_in_reward, build_kl_controller
 from rlflow.algorithms.reward_shaping import add_sequence_reward, overlong_penalty, varied_group_indices
 from rlflow.data.batch_sizes import (
@@ -46,6 +47,7 @@ from rlflow.data.rlhf_dataset import RLHFDataset, collate_fn
 from rlflow.demo.assets import resolve_demo_path
 from rlflow.distributed.worker_group import ShardedCall, WorkerGroup
 from rlflow.config.schema import typed_config
+from rlflow.rewards.combine import resolve_reward_fn
 from rlflow.errors import ConfigError
 from rlflow.models.architecture import check_model_support
 from rlflow.models.lora import lora_enabled
@@ -72,6 +74,7 @@ logger = logging.getLogger("rlflow")
 _SCORED = ("input_ids", "attention_mask", "position_ids", "responses")
 CALL_KEYS = {
     "generate": ("input_ids", "attention_mask"),
+    "run_episodes": ("raw_prompt", "raw_prompt_ids", "data_source", "reward_model", "extra_info", "index", "tools_kwargs"),
     "compute_reward": ("responses", "response_mask", "data_source", "reward_model", "extra_info", "index"),
     "compute_log_prob": _SCORED,
     "compute_values": _SCORED + ("response_mask",),
@@ -119,7 +122,10 @@ class RLTrainer:
         self.reward_fn = reward_fn
         self.packer = self._packer(packer)
         self.train_dataset = train_dataset if train_dataset is not None else self._dataset(cfg.data.train_files)
-        check_first_rows(cfg, self.train_dataset, reward_fn)
+        if cfg.agent.enable:  # the tools and the environment load here, not first in a worker
+            environment_factory(typed_config(cfg), resolve_reward_fn(cfg.reward, reward_fn))
+        if not cfg.agent.enable or cfg.agent.environment == "tools":  # else the environment scores
+            check_first_rows(cfg, self.train_dataset, reward_fn)
         self.val_dataset = self._dataset(cfg.data.val_files) if cfg.trainer.test_freq > 0 else None
         self.batches = PromptBatches(
             len(self.train_dataset), cfg.data.train_batch_size, cfg.data.shuffle, cfg.data.seed
@@ -132,6 +138,7 @@ class RLTrainer:
         alg = cfg.algorithm
         self.use_critic = alg.adv_estimator == "gae"
         self.use_kl_in_reward = alg.use_kl_in_reward
+        self.generate_method = "run_episodes" if cfg.agent.enable else "generate"
         self.use_ref = cfg.actor.use_kl_loss or self.use_kl_in_reward
         # With LoRA the reference policy is the actor's own frozen base (adapters off).
         self.ref_in_actor = self.use_ref and lora_enabled(cfg.actor.lora)
@@ -176,7 +183,8 @@ class RLTrainer:
             max_prompt_length=dcfg.max_prompt_length,
             truncation=dcfg.truncation,
             filter_overlong_prompts=dcfg.filter_overlong_prompts,
-            return_raw_chat=dcfg.return_raw_chat,
+            # Multi-turn episodes start from the messages (the environment may add tools).
+            return_raw_chat=dcfg.return_raw_chat or self.cfg.agent.enable,
             return_full_prompt=dcfg.return_full_prompt,
             max_samples=dcfg.max_samples,
             filter_overlong_prompts_workers=dcfg.filter_overlong_prompts_workers,
@@ -333,10 +341,11 @@ class RLTrainer:
         batch = self._collate(rows)
         temperature = cfg.rollout.val_temperature
         batch.update(self._call_sharded(
-            "rollout", "generate", batch, seed=self.global_step, temperature=temperature,
+            "rollout", self.generate_method, batch, seed=self.global_step, temperature=temperature,
             do_sample=temperature > 0, expected_weight_version=self.weight_version,
         ))
-        batch.update(self._call_sharded("reward", "compute_reward", batch))
+        if not cfg.agent.enable:  # episodes are scored by their environment
+            batch.update(self._call_sharded("reward", "compute_reward", batch))
         scores = batch["scores"].float()
         out = {"val/reward/mean": scores.mean().item(),
                "val/response_length/mean": batch["response_mask"].sum(-1).float().mean().item()}
@@ -410,18 +419,21 @@ class RLTrainer:
 
         with timer.phase("gen"):
             generated = self._call_sharded(
-                "rollout", "generate", batch,
+                "rollout", self.generate_method, batch,
                 seed=self.global_step + round_idx * _ROUND_SEED_STRIDE,
                 expected_weight_version=self.weight_version,
             )
             batch.update(generated)
+        if cfg.agent.enable:  # episodes are scored by their environment
+            return batch, None
         return batch, self._start_call("reward", "compute_reward", batch)
 
-    def _finish_scoring(self, timer: PhaseTimer, batch: BatchedDataDict, scoring: ShardedCall) -> None:
+    def _finish_scoring(self, timer: PhaseTimer, batch: BatchedDataDict, scoring: Optional[ShardedCall]) -> None:
         """Wait for the scores of ``batch`` and add them (with overlong shaping) in place."""
         cfg = self.cfg
         with timer.phase("reward"):
-            batch.update(scoring.result())
+            if scoring is not None:
+                batch.update(scoring.result())
             ob = cfg.reward.overlong_buffer
             if ob.enable:
                 penalty = overlong_penalty(
@@ -553,6 +565,8 @@ class RLTrainer:
         for key in sampled.keys():
             if key.startswith("reward_extra/"):
                 out[f"reward/{key.split('/', 1)[1]}"] = sampled[key].float().mean().item()
+            elif key.startswith("agent/"):  # per-sample counts of multi-turn episodes
+                out[key] = sampled[key].float().mean().item()
         return out
 
     @staticmethod

@@ -10,17 +10,21 @@ the sampling temperature), 0 outside the response mask.
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import replace
+from typing import Any, Optional
 
 import ray
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from rlflow.agents.episodes import run_episodes
+from rlflow.agents.environments import environment_factory
 from rlflow.config.schema import typed_config
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.models.loading import load_causal_lm, load_tokenizer
 from rlflow.models.packing import build_model_inputs, score_responses
 from rlflow.models.lora import add_lora_adapters, is_adapter_key, lora_enabled
+from rlflow.rewards.combine import resolve_reward_fn
 from rlflow.utils.torch_functional import compute_position_ids, get_response_mask
 from rlflow.workers.base import Worker
 from rlflow.workers.rollout.policy_lag import check_weight_version
@@ -48,6 +52,9 @@ class HFRolloutWorker(Worker):
         ids = {eos} | (set(gen_eos) if isinstance(gen_eos, list) else {gen_eos})
         self.eos_token_ids = sorted(i for i in ids if i is not None)
         self.pad_token_id = self.tokenizer.pad_token_id
+        self.make_env = None
+        if self.cfg.agent.enable:
+            self.make_env = environment_factory(self.cfg, resolve_reward_fn(self.cfg.reward))
 
     def sampling_settings(self, temperature: Optional[float] = None, do_sample: Optional[bool] = None) -> SamplingSettings:
         """The shared config -> sampling mapping (see ``rollout/sampling.py``)."""
@@ -72,23 +79,15 @@ class HFRolloutWorker(Worker):
             self.weight_version, expected_weight_version, self.cfg.rollout.max_weight_staleness, self.rank
         )
         settings = self.sampling_settings(temperature, do_sample)
-        gen_cfg = GenerationConfig(**hf_generation_kwargs(settings, self.pad_token_id))
         # Seeded per call and per rank so a run (and a resumed run) samples the same tokens.
         torch.manual_seed(int(seed) * 1009 + self.rank)
 
         max_len = self.cfg.data.max_response_length
-        chunk = int(self.cfg.rollout.micro_batch_size or batch.size)
         outputs = []
-        for mb in batch.make_microbatch_iterator(max(1, min(chunk, batch.size))):
+        for mb in batch.make_microbatch_iterator(self._chunk(batch.size)):
             prompts = mb["input_ids"].to(self.device)
             prompt_mask = mb["attention_mask"].to(self.device)
-            recorder = _SampledTokenLogProbs(settings.temperature if not settings.greedy else 1.0)
-            out = self.model.generate(
-                input_ids=prompts, attention_mask=prompt_mask, generation_config=gen_cfg,
-                logits_processor=LogitsProcessorList([recorder]),
-            )
-            responses = out[:, prompts.shape[1]:]
-            log_probs = recorder.finish(out)
+            responses, log_probs = self._sample(prompts, prompt_mask, settings)
             if responses.shape[1] < max_len:
                 pad = responses.new_full((responses.shape[0], max_len - responses.shape[1]), self.pad_token_id)
                 responses = torch.cat([responses, pad], dim=1)
@@ -109,6 +108,68 @@ class HFRolloutWorker(Worker):
         result = BatchedDataDict.from_batches(outputs)
         result["weight_version"] = [self.weight_version] * result.size
         return result
+
+    def _chunk(self, size: int) -> int:
+        return max(1, min(int(self.cfg.rollout.micro_batch_size or size), size))
+
+    def _sample(self, prompts: torch.Tensor, prompt_mask: torch.Tensor, settings: SamplingSettings) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(generated ids, their log-probs)`` for left-padded prompts, ``[B, new tokens]``."""
+        recorder = _SampledTokenLogProbs(settings.temperature if not settings.greedy else 1.0)
+        out = self.model.generate(
+            input_ids=prompts, attention_mask=prompt_mask,
+            generation_config=GenerationConfig(**hf_generation_kwargs(settings, self.pad_token_id)),
+            logits_processor=LogitsProcessorList([recorder]),
+        )
+        return out[:, prompts.shape[1]:], recorder.finish(out)
+
+    @torch.no_grad()
+    def run_episodes(
+        self,
+        batch: BatchedDataDict,
+        seed: int,
+        temperature: Optional[float] = None,
+        do_sample: Optional[bool] = None,
+        expected_weight_version: Optional[int] = None,
+    ) -> BatchedDataDict:
+        """One multi-turn episode per row (``agent.*``, see ``rlflow/agents/episodes.py``)."""
+        check_weight_version(
+            self.weight_version, expected_weight_version, self.cfg.rollout.max_weight_staleness, self.rank
+        )
+        settings = self.sampling_settings(temperature, do_sample)
+        torch.manual_seed(int(seed) * 1009 + self.rank)
+        rows = [{k: batch[k][i] for k in batch.keys()} for i in range(batch.size)]
+        result = run_episodes(
+            rows, self.make_env, lambda prompts, budgets: self._generate_turns(prompts, budgets, settings),
+            self.tokenizer, self.cfg, settings.stop_token_ids,
+        )
+        result["weight_version"] = [self.weight_version] * result.size
+        return result
+
+    def _generate_turns(self, prompts: list[list[int]], budgets: list[int], settings: SamplingSettings) -> list[tuple[list[int], list[float]]]:
+        """One turn for each prompt: its sampled ids up to the first stop token (included) or
+        its budget, and their log-probs."""
+        stops = set(settings.stop_token_ids)
+        results: list[tuple[list[int], list[float]]] = []
+        step = self._chunk(len(prompts))
+        for start in range(0, len(prompts), step):
+            rows, limits = prompts[start:start + step], budgets[start:start + step]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+            mask = torch.zeros(len(rows), width, dtype=torch.long)
+            for i, row in enumerate(rows):
+                ids[i, width - len(row):] = torch.tensor(row)
+                mask[i, width - len(row):] = 1
+            generated, log_probs = self._sample(
+                ids.to(self.device), mask.to(self.device), replace(settings, max_tokens=max(limits))
+            )
+            for tokens, lps, limit in zip(generated.tolist(), log_probs.tolist(), limits):
+                end = min(limit, len(tokens))
+                for j, token in enumerate(tokens[:end]):
+                    if token in stops:
+                        end = j + 1
+                        break
+                results.append((tokens[:end], lps[:end]))
+        return results
 
     @torch.no_grad()
     def engine_log_probs(self, batch: BatchedDataDict) -> BatchedDataDict:
