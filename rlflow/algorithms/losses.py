@@ -8,6 +8,10 @@ micro-batch or data-parallel size. The caller passes the global counts; see
 ``count_tokens_and_seqs``. Without them the micro-batch's own counts are used, which is
 the plain per-micro-batch mean.
 
+Off-policy corrections (``rlflow.algorithms.off_policy``) keep this contract: their weights
+multiply the per-token policy loss before aggregation, and the tokens they reject are removed
+from the mask, so they count in no denominator (the counts come from the corrected mask).
+
 All per-token tensors are ``(B, T)``; masks are 0/1 and masked positions may hold garbage.
 """
 
@@ -51,6 +55,10 @@ def _check_same_shape(fn: str, **tensors: torch.Tensor) -> None:
     if len(set(shapes.values())) != 1:
         listed = ", ".join(f"{n}={s}" for n, s in shapes.items())
         raise ValueError(f"{fn}: tensors must share one (B, T) shape, got {listed}")
+
+
+def _weights_arg(token_weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    return {} if token_weights is None else {"token_weights": token_weights}
 
 
 def count_tokens_and_seqs(mask: torch.Tensor) -> tuple[int, int]:
@@ -147,12 +155,19 @@ def policy_loss_clipped(
     global_num_tokens: Count = None,
     global_num_seqs: Count = None,
     norm_length: Count = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate (with optional dual clip), aggregated by ``loss_agg_mode``.
 
     ``ratio = exp(clamp(logp - old, -20, 20))``;
     ``loss_t = max(-A * ratio, -A * clip(ratio, 1 - low, 1 + high))``; with ``clip_ratio_c``
     (> 1) the loss of tokens with ``A < 0`` is further capped at ``-A * c``.
+
+    ``token_weights`` (``(B, T)``, optional): constants that multiply ``loss_t`` before
+    aggregation, the off-policy corrections of ``rlflow.algorithms.off_policy``. They are
+    detached here, so each token's gradient is its weight times the plain gradient. Tokens a
+    correction removes must be left out of ``response_mask`` (and of the global counts), not
+    merely weighted 0. ``None`` leaves the loss exactly as without it.
 
     Metrics (local micro-batch token means, floats): ``pg_clipfrac`` (share of tokens where
     the clipped term is active), ``pg_clipfrac_lower`` (share where the dual clip is
@@ -164,6 +179,7 @@ def policy_loss_clipped(
         old_log_prob=old_log_prob,
         advantages=advantages,
         response_mask=response_mask,
+        **_weights_arg(token_weights),
     )
     if clip_ratio_low < 0 or clip_ratio_high < 0:
         raise ValueError(
@@ -189,6 +205,8 @@ def policy_loss_clipped(
         loss_mat = torch.where(advantages < 0, torch.minimum(loss_mat, cap), loss_mat)
     else:
         dual_active = torch.zeros_like(loss_mat)
+    if token_weights is not None:
+        loss_mat = loss_mat * token_weights.detach()
 
     loss = aggregate_loss(
         loss_mat, response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, norm_length
@@ -213,6 +231,7 @@ def policy_loss_gspo(
     global_num_tokens: Count = None,
     global_num_seqs: Count = None,
     norm_length: Count = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GSPO: clipped surrogate on the sequence-level, length-normalised ratio.
 
@@ -221,7 +240,7 @@ def policy_loss_gspo(
     through each token's log-prob, so with the paper's ``seq-mean-token-mean``
     aggregation the gradient equals that of the sequence objective (and per-token
     advantages are allowed). Clipping uses ``[1 - low, 1 + high]`` (the paper's ranges are
-    ~1e-4, hence the small defaults).
+    ~1e-4, hence the small defaults). ``token_weights``: as in ``policy_loss_clipped``.
 
     Metrics: ``pg_clipfrac``, ``pg_clipfrac_lower`` (always 0, no dual clip), ``ppo_kl``.
     """
@@ -231,6 +250,7 @@ def policy_loss_gspo(
         old_log_prob=old_log_prob,
         advantages=advantages,
         response_mask=response_mask,
+        **_weights_arg(token_weights),
     )
     if clip_ratio_low < 0 or clip_ratio_high < 0:
         raise ValueError(
@@ -245,6 +265,8 @@ def policy_loss_gspo(
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
     loss_mat = torch.maximum(unclipped, clipped)
+    if token_weights is not None:
+        loss_mat = loss_mat * token_weights.detach()
 
     loss = aggregate_loss(
         loss_mat, response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, norm_length

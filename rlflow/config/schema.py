@@ -154,6 +154,24 @@ class LoraConfig:
 
 
 @dataclass
+class OffPolicyConfig:
+    """Correction for tokens the rollout engine sampled under a policy that differs from the
+    actor's (kernels, precision, stale weights); see docs/off_policy.md.
+
+    ``r = exp(old_log_probs - rollout_log_probs)`` per token. ``tis``: weight ``min(r, is_cap)``;
+    ``mis_token``: tokens with ``r`` outside ``[mis_low, mis_high]`` leave the loss;
+    ``mis_seq``: the same test on a sequence's geometric-mean ratio drops whole sequences;
+    ``decoupled``: weight ``r``, tokens with ``r > is_cap`` leave the loss (AReaL). Any
+    correction but ``none`` makes the actor recompute the old log-probs.
+    """
+
+    correction: str = "none"
+    is_cap: float = 2.0
+    mis_low: float = 0.5
+    mis_high: float = 2.0
+
+
+@dataclass
 class ActorConfig:
     num_workers: int = 2
     cpus_per_worker: float = 0.5
@@ -194,6 +212,7 @@ class ActorConfig:
     sequence_length_round: int = 8
     packing_algorithm: str = "first_fit_decreasing"
     lora: LoraConfig = field(default_factory=LoraConfig)
+    off_policy: OffPolicyConfig = field(default_factory=OffPolicyConfig)
 
 
 @dataclass

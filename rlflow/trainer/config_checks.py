@@ -120,6 +120,7 @@ def check_rl_config(cfg: DictConfig) -> None:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
     if cfg.actor.use_kl_loss:
         _one_of("actor.kl_loss_type", cfg.actor.kl_loss_type, KL_KINDS)
+    _check_off_policy(cfg)
     _check_mini_batches(cfg, "actor")
     _check_micro_batching(cfg, "actor")
     _check_micro_batching(cfg, "ref")
@@ -174,6 +175,26 @@ def check_rl_config(cfg: DictConfig) -> None:
                 "when reward.overlong_buffer.enable=true"
             )
         _non_negative("reward.overlong_buffer.penalty_factor", ob.penalty_factor)
+
+
+def _check_off_policy(cfg: DictConfig) -> None:
+    """``actor.off_policy``: a known correction, sensible bounds, and old log-probs to correct."""
+    from rlflow.algorithms.off_policy import CORRECTIONS
+
+    opc = cfg.actor.off_policy
+    _one_of("actor.off_policy.correction", opc.correction, CORRECTIONS)
+    # A cap below 1 would down-weight (tis) or drop (decoupled) tokens that are exactly on-policy.
+    if not opc.is_cap >= 1.0:
+        raise ConfigError(f"actor.off_policy.is_cap={opc.is_cap} must be >= 1 (e.g. 2.0)")
+    if not 0.0 <= opc.mis_low < 1.0:
+        raise ConfigError(f"actor.off_policy.mis_low={opc.mis_low} must be in [0, 1) (e.g. 0.5)")
+    if not opc.mis_high > 1.0:
+        raise ConfigError(f"actor.off_policy.mis_high={opc.mis_high} must be > 1 (e.g. 2.0)")
+    if opc.correction != "none" and cfg.actor.recompute_old_log_prob == "never":
+        raise ConfigError(
+            f"actor.off_policy.correction={opc.correction} compares the actor's old log-probs with "
+            "the rollout's: set actor.recompute_old_log_prob=auto (or always)"
+        )
 
 
 def _check_mini_batches(cfg: DictConfig, role: str) -> None:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from rlflow.algorithms.advantages import compute_advantages
 from rlflow.agents.environments import environment_factory
 from rlflow.algorithms.kl_control import apply_kl_in_reward, build_kl_controller
+from rlflow.algorithms.off_policy import correction_metrics, correction_weights
 from rlflow.algorithms.reward_shaping import add_sequence_reward, overlong_penalty, varied_group_indices
 from rlflow.data.batch_sizes import (
     largest_divisor_at_most,
@@ -78,7 +79,9 @@ CALL_KEYS = {
     "compute_reward": ("responses", "response_mask", "data_source", "reward_model", "extra_info", "index"),
     "compute_log_prob": _SCORED,
     "compute_values": _SCORED + ("response_mask",),
-    "update_policy": _SCORED + ("response_mask", "advantages", "old_log_probs", "ref_log_probs", "returns"),
+    "update_policy": _SCORED + (
+        "response_mask", "advantages", "old_log_probs", "ref_log_probs", "returns", "rollout_log_probs",
+    ),
     "update_critic": _SCORED + ("response_mask", "values", "returns"),
 }
 
@@ -86,6 +89,27 @@ CALL_KEYS = {
 def call_view(method: str, batch: BatchedDataDict) -> BatchedDataDict:
     """The keys of ``batch`` that ``method`` reads (optional ones only when present)."""
     return BatchedDataDict({k: batch[k] for k in CALL_KEYS[method] if k in batch})
+
+
+def off_policy_metrics(off_policy: Any, batch: BatchedDataDict) -> dict[str, float]:
+    """``actor/off_policy/<name>``: what ``actor.off_policy`` does to this batch's loss.
+
+    The correction is a function of the batch alone, so the driver measures it on the whole
+    batch (exact global means and max, no collective); the actor applies the same function
+    to its mini-batches.
+    """
+    if "rollout_log_probs" not in batch:
+        raise ValueError(
+            f"actor.off_policy.correction={off_policy.correction} needs rollout_log_probs, and the "
+            "rollout returned none: use a rollout backend that reports them or set "
+            "actor.off_policy.correction=none"
+        )
+    old, rollout, mask = batch["old_log_probs"], batch["rollout_log_probs"], batch["response_mask"]
+    _, kept = correction_weights(
+        off_policy.correction, old, rollout, mask,
+        is_cap=off_policy.is_cap, mis_low=off_policy.mis_low, mis_high=off_policy.mis_high,
+    )
+    return {f"actor/off_policy/{k}": v for k, v in correction_metrics(old, rollout, mask, kept).items()}
 
 
 # Seeds of extra dynamic-sampling rounds are offset by this much per round, far from the
@@ -298,6 +322,8 @@ class RLTrainer:
 
             # PPO's critic warm-up: the actor waits until the values mean something.
             if not self.use_critic or self.global_step >= cfg.trainer.critic_warmup:
+                if cfg.actor.off_policy.correction != "none":
+                    metrics.update(off_policy_metrics(cfg.actor.off_policy, batch))
                 with timer.phase("update_actor"):
                     rank_metrics = self.groups["actor"].call_sharded_metrics(
                         "update_policy", call_view("update_policy", batch),
@@ -517,6 +543,8 @@ class RLTrainer:
     def _needs_old_log_probs(self) -> bool:
         if self.use_kl_in_reward:
             return True  # the KL penalty in the reward is measured on the sampling policy
+        if self.cfg.actor.off_policy.correction != "none":
+            return True  # the correction compares the trainer's log-probs with the rollout's
         mode = self.cfg.actor.recompute_old_log_prob
         if mode == "always":
             return True

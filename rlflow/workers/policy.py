@@ -29,6 +29,7 @@ from rlflow.algorithms.losses import (
     policy_loss_clipped,
     policy_loss_gspo,
 )
+from rlflow.algorithms.off_policy import correction_weights
 from rlflow.data.batch_sizes import balanced_halves, round_up, split_to_count
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.models.loading import load_causal_lm
@@ -235,7 +236,8 @@ class PolicyWorker(Worker):
         ``mini_batch_size`` is per rank: one optimiser step per mini-batch. Each micro-batch loss
         is its share of the mini-batch loss over ALL ranks (global token / sequence counts), so
         the accumulated gradient does not depend on the micro-batch size, the number of ranks,
-        dynamic batching or packing.
+        dynamic batching or packing. With ``actor.off_policy.correction`` on, each mini-batch is
+        corrected first (``_correct_off_policy``); the batch then needs ``rollout_log_probs``.
         """
         acfg = self.cfg.actor
         self.model.train()
@@ -287,6 +289,7 @@ class PolicyWorker(Worker):
         ranks they are the mini-batch values.
         """
         acfg = self.cfg.actor
+        mini = self._correct_off_policy(mini)
         # Once per mini-batch: every micro-batch, whatever its size or layout, divides by the
         # same global counts, which is what makes the gradient invariant.
         num_tokens, num_seqs = global_token_and_seq_counts(mini["response_mask"], self.world_size)
@@ -311,14 +314,19 @@ class PolicyWorker(Worker):
             old = mb["old_log_probs"].to(self.device) if "old_log_probs" in mb else log_probs.detach()
             adv = mb["advantages"].to(self.device)
             clip = dict(clip_ratio_low=acfg.clip_ratio_low, clip_ratio_high=acfg.clip_ratio_high)
+            # Off-policy weights only when a correction is on: without them the loss is untouched.
+            weights = {}
+            if "off_policy_weights" in mb:
+                weights["token_weights"] = mb["off_policy_weights"].to(self.device)
             if acfg.policy_loss == "gspo":
                 pg_loss, pg_stats = policy_loss_gspo(
-                    log_probs, old, adv, mask, loss_agg_mode=acfg.loss_agg_mode, **clip, **norm
+                    log_probs, old, adv, mask, loss_agg_mode=acfg.loss_agg_mode, **clip, **norm,
+                    **weights,
                 )
             else:
                 pg_loss, pg_stats = policy_loss_clipped(
                     log_probs, old, adv, mask, clip_ratio_c=acfg.clip_ratio_c,
-                    loss_agg_mode=acfg.loss_agg_mode, **clip, **norm,
+                    loss_agg_mode=acfg.loss_agg_mode, **clip, **norm, **weights,
                 )
             entropy_share = aggregate_loss(entropy, mask, acfg.loss_agg_mode, **norm)
             loss = pg_loss - acfg.entropy_coeff * entropy_share
@@ -338,6 +346,33 @@ class PolicyWorker(Worker):
                 loss.item(),
             ], dtype=torch.float64)
         return stats
+
+    def _correct_off_policy(self, mini: BatchedDataDict) -> BatchedDataDict:
+        """``mini`` with ``actor.off_policy.correction`` applied (itself when it is ``none``).
+
+        The correction depends only on the batch (old and rollout log-probs), so it is
+        computed once per mini-batch, before the global counts: its ``kept_mask`` replaces
+        ``response_mask`` for every loss term and count, and its weights travel with the rows
+        as ``off_policy_weights`` into the policy loss (``rlflow.algorithms.off_policy``).
+        """
+        opc = self.cfg.actor.off_policy
+        if opc.correction == "none":
+            return mini
+        missing = [key for key in ("old_log_probs", "rollout_log_probs") if key not in mini]
+        if missing:
+            raise ValueError(
+                f"actor.off_policy.correction={opc.correction} needs {' and '.join(missing)} in the "
+                "update batch: the rollout must return rollout_log_probs and the actor must "
+                "recompute old_log_probs (or set actor.off_policy.correction=none)"
+            )
+        weights, kept = correction_weights(
+            opc.correction, mini["old_log_probs"], mini["rollout_log_probs"], mini["response_mask"],
+            is_cap=opc.is_cap, mis_low=opc.mis_low, mis_high=opc.mis_high,
+        )
+        corrected = BatchedDataDict(dict(mini.items()))
+        corrected["response_mask"] = kept
+        corrected["off_policy_weights"] = weights
+        return corrected
 
     def _update_one_mini_batch(self, mini: BatchedDataDict) -> dict[str, float]:
         acfg = self.cfg.actor
