@@ -135,10 +135,10 @@ def _start(row: dict[str, Any], env: Environment, tokenizer: Any, dcfg: Any) -> 
         prompt = list(row["raw_prompt_ids"])
     else:
         messages = messages if messages is not None else row["raw_prompt"]
-        prompt = tokenizer.apply_chat_template(
-            list(messages), tools=env.tools or None, tokenize=True, add_generation_prompt=True
+        text = tokenizer.apply_chat_template(
+            list(messages), tools=env.tools or None, tokenize=False, add_generation_prompt=True
         )
-        prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(prompt) > dcfg.max_prompt_length:
         raise DataError(
             f"data row {row.get('index')}: the episode's first prompt is {len(prompt)} tokens (tool "
@@ -163,7 +163,7 @@ def _step(env: Environment, text: str, acfg: Any) -> StepResult:
 def _to_batch(episodes: list[Episode], tokenizer: Any, dcfg: Any) -> BatchedDataDict:
     pad = tokenizer.pad_token_id
     size, width = len(episodes), dcfg.max_response_length
-    prompt_width = max(dcfg.max_prompt_length, max(len(e.prompt) for e in episodes))
+    prompt_width = dcfg.max_prompt_length  # every shard the same width (checked in _start)
     prompts = torch.full((size, prompt_width), pad, dtype=torch.long)
     prompt_mask = torch.zeros(size, prompt_width, dtype=torch.long)
     responses = torch.full((size, width), pad, dtype=torch.long)
