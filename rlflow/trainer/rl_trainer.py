@@ -248,9 +248,12 @@ class RLTrainer:
             self.groups["critic"] = group(
                 CriticWorker, "critic", cfg.critic, total_steps=self._optimizer_steps(cfg.critic, self.total_steps)
             )
-        self.groups["rollout"] = group(rollout_worker_class(cfg.rollout.backend), "rollout", cfg.rollout)
         reward_kwargs = {"score_fn": self.reward_fn} if self.reward_fn is not None else {}
-        self.groups["reward"] = group(RewardWorker, "reward", cfg.reward, **reward_kwargs)
+        if cfg.agent.enable:  # environments score their episodes inside the rollout workers
+            self.groups["rollout"] = group(rollout_worker_class(cfg.rollout.backend), "rollout", cfg.rollout, **reward_kwargs)
+        else:
+            self.groups["rollout"] = group(rollout_worker_class(cfg.rollout.backend), "rollout", cfg.rollout)
+            self.groups["reward"] = group(RewardWorker, "reward", cfg.reward, **reward_kwargs)
         wait_ready(self.groups)
 
     # ----------------------------------------------------------------- one step

@@ -17,22 +17,20 @@ import ray
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from rlflow.agents.episodes import run_episodes
-from rlflow.agents.environments import environment_factory
 from rlflow.config.schema import typed_config
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.models.loading import load_causal_lm, load_tokenizer
 from rlflow.models.packing import build_model_inputs, score_responses
 from rlflow.models.lora import add_lora_adapters, is_adapter_key, lora_enabled
-from rlflow.rewards.combine import resolve_reward_fn
 from rlflow.utils.torch_functional import compute_position_ids, get_response_mask
 from rlflow.workers.base import Worker
+from rlflow.workers.rollout.episode_rollout import EpisodeRollout, cut_at_stop
 from rlflow.workers.rollout.policy_lag import check_weight_version
 from rlflow.workers.rollout.sampling import SamplingSettings, hf_generation_kwargs, resolve_sampling
 
 
-class HFRolloutWorker(Worker):
-    def __init__(self, config: dict) -> None:
+class HFRolloutWorker(EpisodeRollout, Worker):
+    def __init__(self, config: dict, score_fn: Optional[Any] = None) -> None:
         super().__init__()
         self.cfg = typed_config(config)
         torch.set_num_threads(max(1, self.cfg.rollout.torch_threads))
@@ -52,9 +50,7 @@ class HFRolloutWorker(Worker):
         ids = {eos} | (set(gen_eos) if isinstance(gen_eos, list) else {gen_eos})
         self.eos_token_ids = sorted(i for i in ids if i is not None)
         self.pad_token_id = self.tokenizer.pad_token_id
-        self.make_env = None
-        if self.cfg.agent.enable:
-            self.make_env = environment_factory(self.cfg, resolve_reward_fn(self.cfg.reward))
+        self._init_episodes(score_fn)
 
     def sampling_settings(self, temperature: Optional[float] = None, do_sample: Optional[bool] = None) -> SamplingSettings:
         """The shared config -> sampling mapping (see ``rollout/sampling.py``)."""
@@ -122,32 +118,9 @@ class HFRolloutWorker(Worker):
         )
         return out[:, prompts.shape[1]:], recorder.finish(out)
 
-    @torch.no_grad()
-    def run_episodes(
-        self,
-        batch: BatchedDataDict,
-        seed: int,
-        temperature: Optional[float] = None,
-        do_sample: Optional[bool] = None,
-        expected_weight_version: Optional[int] = None,
-    ) -> BatchedDataDict:
-        """One multi-turn episode per row (``agent.*``, see ``rlflow/agents/episodes.py``)."""
-        check_weight_version(
-            self.weight_version, expected_weight_version, self.cfg.rollout.max_weight_staleness, self.rank
-        )
-        settings = self.sampling_settings(temperature, do_sample)
-        torch.manual_seed(int(seed) * 1009 + self.rank)
-        rows = [{k: batch[k][i] for k in batch.keys()} for i in range(batch.size)]
-        result = run_episodes(
-            rows, self.make_env, lambda prompts, budgets: self._generate_turns(prompts, budgets, settings),
-            self.tokenizer, self.cfg, settings.stop_token_ids,
-        )
-        result["weight_version"] = [self.weight_version] * result.size
-        return result
-
-    def _generate_turns(self, prompts: list[list[int]], budgets: list[int], settings: SamplingSettings) -> list[tuple[list[int], list[float]]]:
-        """One turn for each prompt: its sampled ids up to the first stop token (included) or
-        its budget, and their log-probs."""
+    def generate_turns(
+        self, prompts: list[list[int]], budgets: list[int], settings: SamplingSettings, seed: int
+    ) -> list[tuple[list[int], list[float]]]:
         stops = set(settings.stop_token_ids)
         results: list[tuple[list[int], list[float]]] = []
         step = self._chunk(len(prompts))
@@ -163,12 +136,7 @@ class HFRolloutWorker(Worker):
                 ids.to(self.device), mask.to(self.device), replace(settings, max_tokens=max(limits))
             )
             for tokens, lps, limit in zip(generated.tolist(), log_probs.tolist(), limits):
-                end = min(limit, len(tokens))
-                for j, token in enumerate(tokens[:end]):
-                    if token in stops:
-                        end = j + 1
-                        break
-                results.append((tokens[:end], lps[:end]))
+                results.append(cut_at_stop(tokens, lps, limit, stops))
         return results
 
     @torch.no_grad()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from typing import Any, Optional
 
 import torch
@@ -35,6 +36,7 @@ from rlflow.errors import ConfigError
 from rlflow.models.loading import load_tokenizer, resolve_model_path
 from rlflow.utils.torch_functional import compute_position_ids, get_response_mask
 from rlflow.workers.base import Worker
+from rlflow.workers.rollout.episode_rollout import EpisodeRollout, cut_at_stop
 from rlflow.workers.rollout.policy_lag import check_weight_version
 from rlflow.workers.rollout.vllm_lora import VLLMAdapterSlot, lora_engine_kwargs, receives_adapters
 from rlflow.workers.rollout.sampling import (
@@ -139,8 +141,8 @@ def _set_engine_env(weight_sync: str, on_gpu: bool) -> None:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
-class VLLMRolloutWorker(Worker):
-    def __init__(self, config: dict) -> None:
+class VLLMRolloutWorker(EpisodeRollout, Worker):
+    def __init__(self, config: dict, score_fn: Optional[Any] = None) -> None:
         super().__init__()
         self.cfg = typed_config(config)
         check_vllm_rollout_config(self.cfg)
@@ -202,6 +204,7 @@ class VLLMRolloutWorker(Worker):
         if self.weight_sync == "object_store":
             self.llm.init_weight_transfer_engine({"init_info": {}})
         self.weight_version = 0
+        self._init_episodes(score_fn)
         self.llm.update_weight_version("0")
         self._asleep = False
         self._maybe_sleep()
@@ -299,6 +302,34 @@ class VLLMRolloutWorker(Worker):
         })
         result["weight_version"] = [self.weight_version] * result.size
         return result
+
+    def generate_turns(
+        self, prompts: list[list[int]], budgets: list[int], settings: SamplingSettings, seed: int
+    ) -> list[tuple[list[int], list[float]]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        seeds = request_seeds(seed, self.rank, len(prompts))
+        params = [
+            SamplingParams(**vllm_sampling_kwargs(replace(settings, max_tokens=budget), seed=s))
+            for budget, s in zip(budgets, seeds)
+        ]
+        self._wake()
+        try:
+            outputs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
+                use_tqdm=False, lora_request=self.adapter.request,
+            )
+        finally:
+            self._maybe_sleep()
+        stops = set(settings.stop_token_ids)
+        results = []
+        for out, budget in zip(outputs, budgets):
+            sample = out.outputs[0]
+            ids = list(sample.token_ids)
+            log_probs = [float(entry[token].logprob) for token, entry in zip(ids, sample.logprobs or [])]
+            results.append(cut_at_stop(ids, log_probs, budget, stops))
+        return results
 
     @torch.no_grad()
     def engine_log_probs(self, batch: BatchedDataDict) -> BatchedDataDict:
