@@ -161,18 +161,28 @@ def _build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
-def build_demo_tokenizer():
+def build_demo_tokenizer(
+    extra_special_tokens: tuple[str, ...] = (),
+    extra_tokens: tuple[str, ...] = (),
+    chat_template: str = CHAT_TEMPLATE,
+):
     """Build the character-level tokenizer (a ``PreTrainedTokenizerFast``) in memory.
 
-    Ids: the special tokens first (``<pad>`` = 0), then one id per character of ``CHARACTERS``.
-    Characters outside the vocabulary map to ``<unk>``. Decoding concatenates tokens with no
-    separator, so ``decode(encode(text)) == text`` for in-vocabulary text.
+    Ids: the special tokens first (``<pad>`` = 0), then one id per character of ``CHARACTERS``,
+    then ``extra_special_tokens`` and ``extra_tokens`` (both empty for the demo model). The
+    extras come last so that a derived tokenizer keeps every id of the demo one. Extra special
+    tokens are dropped by ``decode(..., skip_special_tokens=True)`` like the role tokens; extra
+    plain tokens are still one id each but survive that decoding, so markup such as a tool-call
+    tag stays visible in decoded text. Characters outside the vocabulary map to ``<unk>``.
+    Decoding concatenates tokens with no separator, so ``decode(encode(text)) == text`` for
+    in-vocabulary text.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *CHARACTERS))}
-    if len(vocab) != len(SPECIAL_TOKENS) + len(CHARACTERS):
+    tokens = (*SPECIAL_TOKENS, *CHARACTERS, *extra_special_tokens, *extra_tokens)
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
         raise DemoAssetError("demo CHARACTERS must not repeat a character or a special token")
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     # One pre-token per character (whitespace included), so WordLevel sees single characters.
@@ -180,18 +190,21 @@ def build_demo_tokenizer():
     # The default WordLevel decoding joins tokens with spaces; Fuse concatenates them.
     backend.decoder = decoders.Fuse()
     # Registering them as special makes "<|user|>" in rendered chat text one token, not 8 chars.
-    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    backend.add_special_tokens([*SPECIAL_TOKENS, *extra_special_tokens])
+    if extra_tokens:
+        # Added (not special) tokens are matched whole before pre-tokenization as well.
+        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in extra_tokens])
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD_TOKEN,
         unk_token=UNK_TOKEN,
         eos_token=EOS_TOKEN,
-        additional_special_tokens=list(ROLE_TOKENS),
+        additional_special_tokens=[*ROLE_TOKENS, *extra_special_tokens],
         model_max_length=MAX_POSITION_EMBEDDINGS,
         padding_side="left",
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     _check_round_trip(tokenizer)
     return tokenizer
 
