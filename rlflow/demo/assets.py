@@ -9,6 +9,9 @@ at ``demo:`` paths that are built locally on first use and cached::
     demo:arithmetic/test.parquet      -> 256 rows
     demo:arithmetic_preference        -> folder with preference pairs (correct answer chosen
                                          over a wrong one) for DPO: train.parquet, test.parquet
+    demo:tiny-tool-lm                 -> the tiny LM warm-started on calculator tool calls
+    demo:calculator                   -> folder with "AB+CD=" prompts for the tool task
+                                         (both built by rlflow.demo.tool_model)
 
 Cache layout: ``<cache_root()>/demo/v<DEMO_VERSION>/<name>-<fingerprint>``. The fingerprint is
 a hash of every constant that shapes the asset (vocabulary, chat template, model sizes, seeds,
@@ -81,6 +84,8 @@ PREFERENCE_TEST_SIZE = 256
 MODEL_NAME = "tiny-char-lm"
 DATA_NAME = "arithmetic"
 PREFERENCE_DATA_NAME = "arithmetic_preference"
+TOOL_MODEL_NAME = "tiny-tool-lm"
+CALCULATOR_DATA_NAME = "calculator"
 DATA_FILES = ("train.parquet", "test.parquet")
 
 
@@ -316,15 +321,35 @@ def ensure_demo_preference_data() -> dict[str, str]:
     return {split: str(folder / f"{split}.parquet") for split in ("train", "test")}
 
 
+# The tool-use assets live in their own module, which imports this one: import it on use.
+def _ensure_tool_model() -> str:
+    from rlflow.demo.tool_model import ensure_tool_model
+
+    return ensure_tool_model()
+
+
+def _ensure_calculator_data() -> dict[str, str]:
+    from rlflow.demo.tool_model import ensure_calculator_data
+
+    return ensure_calculator_data()
+
+
+# demo model name -> function that builds it and returns its folder
+_MODELS: dict[str, Callable[[], str]] = {
+    MODEL_NAME: ensure_demo_model,
+    TOOL_MODEL_NAME: _ensure_tool_model,
+}
+
 # demo data name -> function that builds it and returns {"train": path, "test": path}
 _DATASETS: dict[str, Callable[[], dict[str, str]]] = {
     DATA_NAME: ensure_demo_data,
     PREFERENCE_DATA_NAME: ensure_demo_preference_data,
+    CALCULATOR_DATA_NAME: _ensure_calculator_data,
 }
 
 
 def _valid_names() -> list[str]:
-    names = [MODEL_NAME]
+    names = list(_MODELS)
     for data_name in _DATASETS:
         names += [data_name, *(f"{data_name}/{f}" for f in DATA_FILES)]
     return names
@@ -342,8 +367,8 @@ def resolve_demo_path(path: str) -> str:
     if not path.startswith(DEMO_PREFIX):
         return path
     name = path[len(DEMO_PREFIX):].strip("/")
-    if name == MODEL_NAME:
-        return ensure_demo_model()
+    if name in _MODELS:
+        return _MODELS[name]()
     data_name, _, file_name = name.partition("/")
     ensure = _DATASETS.get(data_name)
     if ensure is not None and not file_name:
