@@ -9,6 +9,9 @@ at ``demo:`` paths that are built locally on first use and cached::
     demo:arithmetic/test.parquet      -> 256 rows
     demo:arithmetic_preference        -> folder with preference pairs (correct answer chosen
                                          over a wrong one) for DPO: train.parquet, test.parquet
+    demo:tiny-tool-lm                 -> the tiny LM warm-started on calculator tool calls
+    demo:calculator                   -> folder with "AB+CD=" prompts for the tool task
+                                         (both built by rlflow.demo.tool_model)
 
 Cache layout: ``<cache_root()>/demo/v<DEMO_VERSION>/<name>-<fingerprint>``. The fingerprint is
 a hash of every constant that shapes the asset (vocabulary, chat template, model sizes, seeds,
@@ -86,6 +89,8 @@ MODEL_NAME = "tiny-char-lm"
 DATA_NAME = "arithmetic"
 PREFERENCE_DATA_NAME = "arithmetic_preference"
 GUESS_DATA_NAME = "guess_number"
+TOOL_MODEL_NAME = "tiny-tool-lm"
+CALCULATOR_DATA_NAME = "calculator"
 DATA_FILES = ("train.parquet", "test.parquet")
 
 
@@ -166,18 +171,28 @@ def _build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
-def build_demo_tokenizer():
+def build_demo_tokenizer(
+    extra_special_tokens: tuple[str, ...] = (),
+    extra_tokens: tuple[str, ...] = (),
+    chat_template: str = CHAT_TEMPLATE,
+):
     """Build the character-level tokenizer (a ``PreTrainedTokenizerFast``) in memory.
 
-    Ids: the special tokens first (``<pad>`` = 0), then one id per character of ``CHARACTERS``.
-    Characters outside the vocabulary map to ``<unk>``. Decoding concatenates tokens with no
-    separator, so ``decode(encode(text)) == text`` for in-vocabulary text.
+    Ids: the special tokens first (``<pad>`` = 0), then one id per character of ``CHARACTERS``,
+    then ``extra_special_tokens`` and ``extra_tokens`` (both empty for the demo model). The
+    extras come last so that a derived tokenizer keeps every id of the demo one. Extra special
+    tokens are dropped by ``decode(..., skip_special_tokens=True)`` like the role tokens; extra
+    plain tokens are still one id each but survive that decoding, so markup such as a tool-call
+    tag stays visible in decoded text. Characters outside the vocabulary map to ``<unk>``.
+    Decoding concatenates tokens with no separator, so ``decode(encode(text)) == text`` for
+    in-vocabulary text.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *CHARACTERS))}
-    if len(vocab) != len(SPECIAL_TOKENS) + len(CHARACTERS):
+    tokens = (*SPECIAL_TOKENS, *CHARACTERS, *extra_special_tokens, *extra_tokens)
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
         raise DemoAssetError("demo CHARACTERS must not repeat a character or a special token")
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     # One pre-token per character (whitespace included), so WordLevel sees single characters.
@@ -185,18 +200,21 @@ def build_demo_tokenizer():
     # The default WordLevel decoding joins tokens with spaces; Fuse concatenates them.
     backend.decoder = decoders.Fuse()
     # Registering them as special makes "<|user|>" in rendered chat text one token, not 8 chars.
-    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    backend.add_special_tokens([*SPECIAL_TOKENS, *extra_special_tokens])
+    if extra_tokens:
+        # Added (not special) tokens are matched whole before pre-tokenization as well.
+        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in extra_tokens])
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD_TOKEN,
         unk_token=UNK_TOKEN,
         eos_token=EOS_TOKEN,
-        additional_special_tokens=list(ROLE_TOKENS),
+        additional_special_tokens=[*ROLE_TOKENS, *extra_special_tokens],
         model_max_length=MAX_POSITION_EMBEDDINGS,
         padding_side="left",
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     _check_round_trip(tokenizer)
     return tokenizer
 
@@ -336,16 +354,36 @@ def ensure_guess_data() -> dict[str, str]:
     return {split: str(folder / f"{split}.parquet") for split in ("train", "test")}
 
 
+# The tool-use assets live in their own module, which imports this one: import it on use.
+def _ensure_tool_model() -> str:
+    from rlflow.demo.tool_model import ensure_tool_model
+
+    return ensure_tool_model()
+
+
+def _ensure_calculator_data() -> dict[str, str]:
+    from rlflow.demo.tool_model import ensure_calculator_data
+
+    return ensure_calculator_data()
+
+
+# demo model name -> function that builds it and returns its folder
+_MODELS: dict[str, Callable[[], str]] = {
+    MODEL_NAME: ensure_demo_model,
+    TOOL_MODEL_NAME: _ensure_tool_model,
+}
+
 # demo data name -> function that builds it and returns {"train": path, "test": path}
 _DATASETS: dict[str, Callable[[], dict[str, str]]] = {
     DATA_NAME: ensure_demo_data,
     PREFERENCE_DATA_NAME: ensure_demo_preference_data,
     GUESS_DATA_NAME: ensure_guess_data,
+    CALCULATOR_DATA_NAME: _ensure_calculator_data,
 }
 
 
 def _valid_names() -> list[str]:
-    names = [MODEL_NAME]
+    names = list(_MODELS)
     for data_name in _DATASETS:
         names += [data_name, *(f"{data_name}/{f}" for f in DATA_FILES)]
     return names
@@ -363,8 +401,8 @@ def resolve_demo_path(path: str) -> str:
     if not path.startswith(DEMO_PREFIX):
         return path
     name = path[len(DEMO_PREFIX):].strip("/")
-    if name == MODEL_NAME:
-        return ensure_demo_model()
+    if name in _MODELS:
+        return _MODELS[name]()
     data_name, _, file_name = name.partition("/")
     ensure = _DATASETS.get(data_name)
     if ensure is not None and not file_name:
