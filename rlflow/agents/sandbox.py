@@ -155,7 +155,8 @@ def run_python(
         wall_s = time.monotonic() - start
         report = _read_report(status_r)
         if report is None and stopped is None:
-            raise SandboxError(f"the sandbox could not confine its child: {stderr[-2000:].decode(errors='replace')}")
+            detail = stderr[-2000:].decode(errors="replace")
+            raise SandboxError(f"the sandbox could not confine its child: {detail}")
         return SandboxResult(
             status=_status(stopped, returncode, stderr),
             returncode=returncode,

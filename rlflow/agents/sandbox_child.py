@@ -246,8 +246,8 @@ def install_guard(workdir: str) -> None:
 def run_code(path: str) -> int:
     """Run the file at ``path`` as ``__main__`` and return the process's exit status.
 
-    Tracebacks leave out this file's frame, so they read as if the code had been run
-    directly. An exception that ends the code by running out of memory exits with
+    Tracebacks leave out this file's frame and name the code by its file name only, so
+    they read as if the code had been run directly, without the temporary path. An exception that ends the code by running out of memory exits with
     ``MEMORY_EXIT``.
     """
     with open(path, "rb") as f:
@@ -257,12 +257,13 @@ def run_code(path: str) -> int:
     sys.modules["__main__"] = main
     sys.argv = [path]
     try:
-        exec(compile(source, path, "exec"), main.__dict__)
+        exec(compile(source, os.path.basename(path), "exec"), main.__dict__)
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - reported like an uncaught exception
         try:
-            traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None)
+            tb = exc.__traceback__.tb_next if exc.__traceback__ else None
+            traceback.print_exception(type(exc), exc, tb)
         except BaseException:  # noqa: BLE001 - e.g. out of memory again while printing
             pass
         return MEMORY_EXIT if isinstance(exc, MemoryError) else 1
