@@ -247,8 +247,8 @@ def run_code(path: str) -> int:
     """Run the file at ``path`` as ``__main__`` and return the process's exit status.
 
     Tracebacks leave out this file's frame and name the code by its file name only, so
-    they read as if the code had been run directly, without the temporary path. An exception that ends the code by running out of memory exits with
-    ``MEMORY_EXIT``.
+    they read as if the code had been run directly, without the temporary path. An
+    exception that ends the code by running out of memory exits with ``MEMORY_EXIT``.
     """
     with open(path, "rb") as f:
         source = f.read()

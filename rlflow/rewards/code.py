@@ -26,6 +26,7 @@ REWARD_LIMITS = SandboxLimits(cpu_time_s=4.0, wall_time_s=6.0, memory_mb=512)
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _PYTHON_TAGS = frozenset({"python", "py", "python3"})
+_FAILURES = ("timeout", "error", "memory", "blocked", "output_limit")
 
 
 def extract_code(solution_str: str) -> str:
@@ -54,7 +55,9 @@ def compute_score(
     what the policy's failures are, and gives ``wall_s``.
     """
     if not isinstance(ground_truth, str):
-        raise TypeError(f"ground_truth must be Python test code as a str, got {type(ground_truth).__name__}")
+        raise TypeError(
+            f"ground_truth must be Python test code as a str, got {type(ground_truth).__name__}"
+        )
     token = secrets.token_hex(16)
     program = (
         f"{extract_code(solution_str)}\n\n"
@@ -64,5 +67,5 @@ def compute_score(
     result = run_python(program, limits=limits)
     finished = result.status == "ok" and result.stdout.rstrip("\n").endswith(token)
     failure = "error" if result.status == "ok" and not finished else result.status
-    flags = {name: float(failure == name) for name in ("timeout", "error", "memory", "blocked", "output_limit")}
+    flags = {name: float(failure == name) for name in _FAILURES}
     return {"score": 1.0 if finished else 0.0, **flags, "wall_s": result.wall_s}
