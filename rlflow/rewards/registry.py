@@ -9,6 +9,7 @@ data_source                                                            scorer
 ``openai/gsm8k``, ``gsm8k``                                            :mod:`.gsm8k` (strict)
 ``DigitalLearningGmbH/MATH-lighteval``, ``HuggingFaceH4/MATH-500``,    :mod:`.math`
 ``math``
+``code``                                                               :mod:`.code` (runs tests)
 =====================================================================  ==========================
 
 A scorer is a callable ``fn(solution_str, ground_truth)`` returning a float (or a dict with
@@ -26,7 +27,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from rlflow.rewards import arithmetic, gsm8k
+from rlflow.rewards import arithmetic, code, gsm8k
 from rlflow.rewards import math as math_scorer
 
 Scorer = Callable[..., "float | dict[str, Any]"]
@@ -38,6 +39,7 @@ _BUILTIN: dict[str, Scorer] = {
     "DigitalLearningGmbH/MATH-lighteval": math_scorer.compute_score,
     "HuggingFaceH4/MATH-500": math_scorer.compute_score,
     "math": math_scorer.compute_score,
+    "code": code.compute_score,
 }
 
 _SCORERS: dict[str, Scorer] = dict(_BUILTIN)
