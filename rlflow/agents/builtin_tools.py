@@ -32,4 +32,10 @@ def calculator(expression: str) -> str:
     return str(evaluate(tree.body))
 
 
-BUILTIN = {"calculator": calculator}
+def _python_tool():
+    from rlflow.agents.python_tool import python
+
+    return python
+
+
+BUILTIN = {"calculator": calculator, "python": _python_tool()}
