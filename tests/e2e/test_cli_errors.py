@@ -115,6 +115,15 @@ CASES = {
     "rloo with one response": (lambda t: ["algorithm.adv_estimator=rloo", "rollout.n=1"], "rollout.n=1"),
     "negative total steps": (lambda t: ["trainer.total_steps=-3"], "trainer.total_steps"),
     "unknown kl kind": (lambda t: ["actor.use_kl_loss=true", "actor.kl_loss_type=k9"], "actor.kl_loss_type"),
+    # multi-turn agent settings
+    "agent without tools": (lambda t: ["agent.enable=true"], "agent.tools"),
+    "unknown tool": (lambda t: ["agent.enable=true", "agent.tools=[abacus]"], "agent.tools"),
+    "unknown tool parser": (lambda t: ["agent.enable=true", "agent.tools=[calculator]", "agent.tool_parser=xml"],
+                            "agent.tool_parser"),
+    "unknown environment": (lambda t: ["agent.enable=true", "agent.environment=chess"], "agent.environment"),
+    "missing environment file": (lambda t: ["agent.enable=true", "agent.environment=Env",
+                                            f"agent.environment_path={t / 'no_env.py'}"], "no_env.py"),
+    "zero turns": (lambda t: ["agent.enable=true", "agent.tools=[calculator]", "agent.max_turns=0"], "agent.max_turns"),
     # model and tokenizer files
     "missing model path": (lambda t: [f"model.path={t / 'no_model'}"], "model.path"),
     "model folder without config.json": (model_without_config, "config.json"),
