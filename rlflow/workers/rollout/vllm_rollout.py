@@ -195,6 +195,9 @@ class VLLMRolloutWorker(EpisodeRollout, Worker):
         else:
             # An explicit size: the CPU default reserves a fraction of the whole machine's RAM.
             engine_kwargs["kv_cache_memory_bytes"] = int(rcfg.cpu_kv_cache_gib * 2**30)
+            # A prefill split over engine steps rewinds the request's seeded generator, which
+            # CPU generators cannot do ("CPU Generator does not use offset"): whole prefills only.
+            engine_kwargs["enable_chunked_prefill"] = False
         self.receives_adapters = receives_adapters(self.cfg)
         if self.receives_adapters:
             engine_kwargs.update(lora_engine_kwargs(self.cfg.actor.lora.rank))
