@@ -41,26 +41,25 @@ def observation_ids(tokenizer: Any, messages: list[Message], tools: Optional[lis
     """The ids that follow a finished assistant turn when ``messages`` come next, up to and
     including the next generation prompt.
 
-    Rendered on a stand-in conversation: the template's text after the assistant's content
-    (its end token, then any separator such as ChatML's newline), less the end token the
-    model already produced (``ended_with``), then the observation and the generation prompt.
+    Rendered in context, on a stand-in conversation whose assistant turn is followed by the
+    messages: the template's text after the assistant's content (its end token, then any
+    separator such as ChatML's newline), less the end token the model already produced
+    (``ended_with``), then the messages and the generation prompt. Templates that render the
+    last assistant turn differently from earlier ones (Qwen3 adds an empty think block to the
+    last) are handled, since the stand-in turn is never the last message.
     """
     history = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL}]
-    before = tokenizer.apply_chat_template(history, tools=tools or None, tokenize=False)
-    after = tokenizer.apply_chat_template(
+    text = tokenizer.apply_chat_template(
         history + list(messages), tools=tools or None, tokenize=False, add_generation_prompt=True
     )
-    if not after.startswith(before):
-        raise DataError(
-            "the chat template renders earlier messages differently once more follow; multi-turn "
-            "rollouts need a template whose rendering of a conversation extends its prefixes"
-        )
-    tail = before[before.rindex(_SENTINEL) + len(_SENTINEL):]
+    if text.count(_SENTINEL) != 1:
+        raise DataError("the chat template does not render an assistant message's content as given")
+    tail = text[text.index(_SENTINEL) + len(_SENTINEL):]
     if ended_with is not None:
         end_text = tokenizer.decode([ended_with])
         if end_text and tail.startswith(end_text):
             tail = tail[len(end_text):]
-    return tokenizer(tail + after[len(before):], add_special_tokens=False)["input_ids"]
+    return tokenizer(tail, add_special_tokens=False)["input_ids"]
 
 
 @dataclass

@@ -32,6 +32,15 @@ LLAMA3 = (
     "{{ m['content'] }}<|eot_id|>{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
+# Qwen3's shape: tool results go in a user turn, and the LAST assistant message gets an empty
+# think block that earlier ones do not.
+QWEN3_STYLE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m['content'] }}\n</tool_response><|im_end|>\n"
+    "{% elif m['role'] == 'assistant' and loop.last %}<|im_start|>assistant\n<think>\n\n</think>\n\n{{ m['content'] }}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
             "<|end_header_id|>", "<|eot_id|>"]
 
@@ -59,6 +68,7 @@ TOKENIZERS = {
     "demo": (demo_tokenizer, "user"),
     "chatml": (lambda: bpe_tokenizer(CHATML, "<|im_end|>"), "tool"),
     "llama3": (lambda: bpe_tokenizer(LLAMA3, "<|eot_id|>"), "tool"),
+    "qwen3-style": (lambda: bpe_tokenizer(QWEN3_STYLE, "<|im_end|>"), "tool"),
 }
 
 
@@ -99,7 +109,7 @@ def agent_cfg(**agent):
                     tool_timeout_s=1.0)
     defaults.update(agent)
     return SimpleNamespace(agent=SimpleNamespace(**defaults),
-                           data=SimpleNamespace(max_prompt_length=48, max_response_length=96))
+                           data=SimpleNamespace(max_prompt_length=48, max_response_length=160))
 
 
 def rows_for(tokenizer, count):
@@ -125,7 +135,7 @@ def test_trajectory_ids_are_the_engines_ids_and_the_mask_covers_only_model_token
     prompt = rows_for(tokenizer, 1)[0]["raw_prompt_ids"]
     assert len(engine.calls) == 3
     for i, env in enumerate(envs):
-        n = int(batch["attention_mask"][i, -96:].sum())
+        n = int(batch["attention_mask"][i, -160:].sum())
         ids = batch["responses"][i, :n].tolist()
         mask = batch["response_mask"][i, :n].tolist()
         # Every turn's engine input is the prompt plus the trajectory so far, id for id.
@@ -137,15 +147,16 @@ def test_trajectory_ids_are_the_engines_ids_and_the_mask_covers_only_model_token
         turn_ends = [j for j in range(n) if mask[j] and ids[j] == stop]
         assert len(turn_ends) == 3 and all(mask[j] == 0 for j in range(n) if j not in
                                             {k for s, e in zip(offsets, turn_ends) for k in range(s, e + 1)})
-        # The observations are the template's rendering: the decoded trajectory equals the
-        # template applied to the whole conversation (model turns as generated).
+        # The observations are the template's rendering: the decoded trajectory is a prefix of
+        # the template applied to the whole conversation (model turns as generated; a last
+        # user message keeps every assistant turn rendered as history).
         turns = [tokenizer.decode(ids[s:e]) for s, e in zip(offsets, turn_ends)]
         conversation = [{"role": "user", "content": "1+2="}]
         for t, text in enumerate(turns):
             conversation.append({"role": "assistant", "content": text})
             if t < 2:
                 conversation.append({"role": role, "content": "7" * (t + 1)})
-        expected = tokenizer.apply_chat_template(conversation, tokenize=False)
+        expected = tokenizer.apply_chat_template(conversation + [{"role": "user", "content": "end"}], tokenize=False)
         got = tokenizer.decode(prompt + ids)
         assert expected.startswith(got)
         assert env.seen == turns
