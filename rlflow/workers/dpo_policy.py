@@ -20,7 +20,7 @@ import torch.distributed as dist
 from rlflow.algorithms.losses import dpo_loss
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.models.lora import adapters_disabled
-from rlflow.utils.torch_functional import logprobs_from_logits
+from rlflow.models.packing import ModelInputs, score_responses
 from rlflow.workers.fsdp import clip_and_step
 from rlflow.workers.policy import PolicyWorker
 
@@ -39,16 +39,21 @@ class DPOPolicyWorker(PolicyWorker):
         """Per-token log-probs of ``input_ids[:, 1:]`` and their mask ``loss_mask[:, 1:]``,
         both ``(b, T - 1)``; masked positions hold 0."""
         input_ids = mb["input_ids"].to(self.device)
-        logits = self.model(
-            input_ids=input_ids,
-            attention_mask=mb["attention_mask"].to(self.device),
-            position_ids=mb["position_ids"].to(self.device),
-            use_cache=False,
-        ).logits
-        # Logits at position t score token t + 1.
-        log_probs = logprobs_from_logits(logits[:, :-1, :].float(), input_ids[:, 1:])
         mask = mb["loss_mask"][:, 1:].to(self.device)
-        return torch.where(mask != 0, log_probs, torch.zeros_like(log_probs)), mask
+        scored = mask != 0
+        # Logits at position t score token t + 1: keep the positions before each answer token.
+        inputs = ModelInputs(
+            input_ids=input_ids,
+            position_ids=mb["position_ids"].to(self.device),
+            attention_mask=mb["attention_mask"].to(self.device),
+            keep=torch.cat([scored, scored.new_zeros(scored.shape[0], 1)], dim=1),
+            targets=input_ids[:, 1:][scored],
+            scatter=scored,
+        )
+        # The shared scorer: the LM head runs a block of tokens at a time, so the float32
+        # [tokens, vocab] logits of the micro-batch never exist.
+        log_probs, _ = score_responses(self.model, inputs)
+        return log_probs, mask
 
     @staticmethod
     def _pair_microbatches(batch: BatchedDataDict, size: int) -> Iterator[BatchedDataDict]:
