@@ -1,0 +1,51 @@
+"""rollout.mode=one_step_off: the next batch is generated while the actor trains on this one."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+import rlflow
+from tests.e2e.test_resume_and_recovery import finish, kill_group, launch, rows
+
+pytestmark = pytest.mark.ray
+
+ONE_STEP_OFF = ("rollout.mode=one_step_off", "rollout.max_weight_staleness=1")
+
+
+def ledger(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_one_step_off_trains_on_batches_exactly_one_sync_old(ray_cluster, tmp_path):
+    out = tmp_path / "run"
+    cfg = rlflow.compose_config(
+        "grpo",
+        overrides=[f"trainer.output_dir={out}", "trainer.total_steps=4", "trainer.progress_bar=false", *ONE_STEP_OFF],
+    )
+    trainer = rlflow.build_trainer(cfg)
+    try:
+        history = trainer.fit()
+        assert trainer.in_flight is None, "the last step starts no generation"
+    finally:
+        trainer.close()
+
+    assert [r["step"] for r in history] == [1, 2, 3, 4]
+    assert [r["weight_version"] for r in history] == [1, 2, 3, 4]
+    # The first batch is sampled with the initial weights; every later one a sync behind (and
+    # the rollout workers refuse to lag more than rollout.max_weight_staleness=1).
+    assert [r["rollout/weight_lag"] for r in history] == [0.0, 1.0, 1.0, 1.0]
+    for row in history:
+        # The actor rescored every batch, so the engine-vs-trainer gap is reported.
+        assert row["rollout/logprob_diff_mean"] is not None and row["timing/old_log_prob_s"] > 0
+        assert 0.0 <= row["reward/mean"] <= 1.0
+    # On-policy, the two score the same weights; one sync later the policy has moved.
+    first, later = history[0]["rollout/logprob_diff_mean"], [r["rollout/logprob_diff_mean"] for r in history[1:]]
+    assert first < 1e-4 and min(later) > first
+    # Each step trained on its own 32 prompts.
+    steps = ledger(out)
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    assert all(len(s["indices"]) == 32 for s in steps)
