@@ -49,3 +49,35 @@ def test_one_step_off_trains_on_batches_exactly_one_sync_old(ray_cluster, tmp_pa
     steps = ledger(out)
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     assert all(len(s["indices"]) == 32 for s in steps)
+
+
+def test_sigkill_and_resume_trains_each_prompt_of_the_epoch_exactly_once(tmp_path):
+    # One epoch of 96 prompts in 6 steps; checkpoints at steps 2 and 4.
+    common = (
+        "data.max_samples=96", "data.train_batch_size=16", "actor.ppo_mini_batch_size=16",
+        "trainer.total_steps=6", "trainer.save_freq=2", *ONE_STEP_OFF,
+    )
+    out = tmp_path / "run"
+    proc = launch(out, *common)
+    deadline = time.monotonic() + 300
+    try:
+        # Step 3 is logged: step 4 trains while batch 5 is generated. Kill everything.
+        while len(rows(out)) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended early"
+            time.sleep(0.05)
+    finally:
+        kill_group(proc)
+    saved = out / "checkpoints" / "global_step_2" / "trainer_state.json"
+    assert not (out / "checkpoints" / "global_step_4").exists()
+    # Batch 3 was in flight when step 2 saved: the checkpoint does not count it as consumed.
+    assert json.loads(saved.read_text())["batches"] == {"epoch": 0, "batch_in_epoch": 2}
+
+    output = finish(launch(out, *common, "trainer.resume_mode=auto"))
+    assert "resumed from" in output and "global_step_2" in output
+    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
+    steps = ledger(out)
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
+    consumed = [i for s in steps for i in s["indices"]]
+    assert sorted(consumed) == list(range(96)), "every prompt of the epoch trained on exactly once"
+    # The resumed run regenerates batch 3 with the restored weights, then runs a sync behind.
+    assert [r["rollout/weight_lag"] for r in rows(out)] == [0.0, 1.0, 0.0, 1.0, 1.0, 1.0]
