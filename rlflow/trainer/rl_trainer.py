@@ -437,6 +437,9 @@ class RLTrainer:
     def load_checkpoint(self, path: str) -> None:
         """Restore the trainer, its trained workers and the rollout weights from ``path``."""
         state = ckpt.load_trainer_state(path)
+        # A generation in flight belongs to the position being left; the checkpoint's own
+        # position draws its prompts again if they are due.
+        self.in_flight = None
         for role in self._trained_roles():
             self.groups[role].call_all("load_checkpoint", os.path.join(path, role))
         self.global_step = int(state["global_step"])
