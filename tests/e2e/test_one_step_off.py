@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import time
 from pathlib import Path
 
@@ -14,10 +17,22 @@ from tests.e2e.test_resume_and_recovery import finish, kill_group, launch, rows
 pytestmark = pytest.mark.ray
 
 ONE_STEP_OFF = ("rollout.mode=one_step_off", "rollout.max_weight_staleness=1")
+# One epoch of 96 prompts in 6 steps; checkpoints at steps 2 and 4.
+EPOCH_OF_SIX = (
+    "data.max_samples=96", "data.train_batch_size=16", "actor.ppo_mini_batch_size=16",
+    "trainer.total_steps=6", "trainer.save_freq=2", *ONE_STEP_OFF,
+)
 
 
 def ledger(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines() if line.strip()]
+
+
+def assert_epoch_consumed_once(out: Path) -> None:
+    steps = ledger(out)
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
+    consumed = [i for s in steps for i in s["indices"]]
+    assert sorted(consumed) == list(range(96)), "every prompt of the epoch trained on exactly once"
 
 
 def test_one_step_off_trains_on_batches_exactly_one_sync_old(ray_cluster, tmp_path):
@@ -52,11 +67,7 @@ def test_one_step_off_trains_on_batches_exactly_one_sync_old(ray_cluster, tmp_pa
 
 
 def test_sigkill_and_resume_trains_each_prompt_of_the_epoch_exactly_once(tmp_path):
-    # One epoch of 96 prompts in 6 steps; checkpoints at steps 2 and 4.
-    common = (
-        "data.max_samples=96", "data.train_batch_size=16", "actor.ppo_mini_batch_size=16",
-        "trainer.total_steps=6", "trainer.save_freq=2", *ONE_STEP_OFF,
-    )
+    common = EPOCH_OF_SIX
     out = tmp_path / "run"
     proc = launch(out, *common)
     deadline = time.monotonic() + 300
@@ -75,9 +86,30 @@ def test_sigkill_and_resume_trains_each_prompt_of_the_epoch_exactly_once(tmp_pat
     output = finish(launch(out, *common, "trainer.resume_mode=auto"))
     assert "resumed from" in output and "global_step_2" in output
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
-    steps = ledger(out)
-    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
-    consumed = [i for s in steps for i in s["indices"]]
-    assert sorted(consumed) == list(range(96)), "every prompt of the epoch trained on exactly once"
+    assert_epoch_consumed_once(out)
     # The resumed run regenerates batch 3 with the restored weights, then runs a sync behind.
     assert [r["rollout/weight_lag"] for r in rows(out)] == [0.0, 1.0, 0.0, 1.0, 1.0, 1.0]
+
+
+def test_dead_actor_worker_mid_run_is_recovered_without_losing_the_batch_in_flight(tmp_path):
+    out = tmp_path / "recover"
+    proc = launch(out, *EPOCH_OF_SIX, "trainer.max_restarts=1")
+    pid, lines = None, []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            match = re.search(r"role actor: .*rank 1 pid (\d+)", line)
+            if match and pid is None:
+                pid = int(match.group(1))
+            if pid is not None and len(rows(out)) >= 3:  # step 4 trains, batch 5 is in flight
+                os.kill(pid, signal.SIGKILL)
+                break
+        rest, _ = proc.communicate(timeout=400)
+    except BaseException:
+        kill_group(proc)
+        raise
+    output = "".join(lines) + rest
+    assert proc.returncode == 0, output[-3000:]
+    assert "restart 1 of 1" in output
+    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
+    assert_epoch_consumed_once(out)
