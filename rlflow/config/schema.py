@@ -98,6 +98,9 @@ class RolloutConfig:
     # Off-policy rollout: how many weight syncs a rollout worker may lag behind the actor.
     # 0 = strictly on-policy (a missed sync is an error).
     max_weight_staleness: int = 0
+    # "sync": generate, then train on it (on-policy). "one_step_off": generate the next batch
+    # while the actor trains on this one, with weights one sync old (docs/async.md).
+    mode: str = "sync"
     # Where rollout workers sit: "split" (their own devices) or "colocated" (the actor's
     # devices, time-shared: on GPU the vLLM engine sleeps between rollouts). Same on CPU.
     placement: str = "split"

@@ -14,6 +14,7 @@ from rlflow.data.batch_sizes import divisors
 from rlflow.errors import ConfigError
 
 ROLLOUT_BACKENDS = ("hf", "vllm")
+ROLLOUT_MODES = ("sync", "one_step_off")
 TRAINER_ALGORITHMS = ("rl", "dpo")
 FILTER_METRICS = ("score", "seq_reward")
 POLICY_LOSSES = ("ppo_clip", "gspo")
@@ -96,6 +97,7 @@ def check_rl_config(cfg: DictConfig) -> None:
 
     alg = cfg.algorithm
     _one_of("rollout.backend", cfg.rollout.backend, ROLLOUT_BACKENDS)
+    _check_rollout_mode(cfg)
     _one_of("algorithm.adv_estimator", cfg.algorithm.adv_estimator, ADVANTAGE_ESTIMATORS)
     _one_of("actor.loss_agg_mode", cfg.actor.loss_agg_mode, AGG_MODES)
     _one_of("actor.policy_loss", cfg.actor.policy_loss, POLICY_LOSSES)
@@ -175,6 +177,32 @@ def check_rl_config(cfg: DictConfig) -> None:
                 "when reward.overlong_buffer.enable=true"
             )
         _non_negative("reward.overlong_buffer.penalty_factor", ob.penalty_factor)
+
+
+def _check_rollout_mode(cfg: DictConfig) -> None:
+    """``rollout.mode=one_step_off`` trains on batches sampled one weight sync ago, so the lag
+    must be allowed and something must be able to run while the actor trains."""
+    rcfg = cfg.rollout
+    _one_of("rollout.mode", rcfg.mode, ROLLOUT_MODES)
+    if rcfg.mode != "one_step_off":
+        return
+    if rcfg.max_weight_staleness < 1:
+        raise ConfigError(
+            f"rollout.mode=one_step_off trains on responses from weights one sync old, but "
+            f"rollout.max_weight_staleness={rcfg.max_weight_staleness} forbids any lag: set "
+            "rollout.max_weight_staleness=1 (or more)"
+        )
+    if cfg.algorithm.filter_groups.enable:
+        raise ConfigError(
+            "rollout.mode=one_step_off cannot run with algorithm.filter_groups.enable=true: dynamic "
+            "sampling decides how many prompts to generate from this step's rewards; set one of "
+            "them off (rollout.mode=sync)"
+        )
+    if rcfg.placement == "colocated":
+        raise ConfigError(
+            "rollout.mode=one_step_off needs rollout.placement=split: colocated rollout and actor "
+            "time-share the same devices, so generation and training cannot overlap"
+        )
 
 
 def _check_off_policy(cfg: DictConfig) -> None:

@@ -15,6 +15,8 @@ are still scoring them.
 Optional pieces switch on by config: the ref group when a KL term is on
 (``actor.use_kl_loss`` or ``algorithm.use_kl_in_reward``), the critic group for
 ``algorithm.adv_estimator=gae``, dynamic sampling with ``algorithm.filter_groups.enable``.
+With ``rollout.mode=one_step_off`` the rollout group generates the next step's batch while
+the actor trains on this one (see ``_next_generation`` and docs/async.md).
 Read ``step`` top to bottom for the whole algorithm.
 """
 
@@ -24,6 +26,7 @@ import logging
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -60,7 +63,7 @@ from rlflow.trainer.startup import (
     build_pool, init_ray_from_config, log_workers, prepare_output_dir, total_training_steps, wait_ready,
 )
 from rlflow.trainer.trackers import build_trackers
-from rlflow.trainer.tracking import MetricsLog, PhaseTimer
+from rlflow.trainer.tracking import MetricsLog, PhaseTimer, PromptLedger
 from rlflow.utils.torch_functional import masked_mean
 from rlflow.workers.critic import CriticWorker
 from rlflow.workers.policy import PolicyWorker
@@ -117,6 +120,17 @@ def off_policy_metrics(off_policy: Any, batch: BatchedDataDict) -> dict[str, flo
 _ROUND_SEED_STRIDE = 1_000_003
 
 
+@dataclass
+class Generation:
+    """One generation round on the rollout group, possibly still running."""
+
+    batch: BatchedDataDict  # the prompts, each repeated rollout.n times
+    call: ShardedCall  # the rollout group's generate (or run_episodes)
+    # Where the prompt order stood before these prompts were drawn: while the round is in
+    # flight, this is the position a checkpoint saves, so a resumed run draws them again.
+    data_state: dict[str, int]
+
+
 class RLTrainer:
     """Builds the worker groups for a config and runs on-policy RL training steps."""
 
@@ -158,6 +172,8 @@ class RLTrainer:
         self.total_steps = total_training_steps(cfg.trainer, per_epoch)
         self.global_step = 0
         self.weight_version = 0
+        # one_step_off: the next step's generation, started during this step.
+        self.in_flight: Optional[Generation] = None
 
         alg = cfg.algorithm
         self.use_critic = alg.adv_estimator == "gae"
@@ -174,6 +190,7 @@ class RLTrainer:
         self.output_dir, self._run_lock = prepare_output_dir(cfg)
         try:
             self.metrics = MetricsLog(self.output_dir)
+            self.ledger = PromptLedger(self.output_dir)
             resume_from = ckpt.resolve_resume_path(self.output_dir, cfg.trainer.resume_mode)
             init_ray_from_config(cfg.cluster)
             self._build_worker_groups()
@@ -262,11 +279,13 @@ class RLTrainer:
         cfg = self.cfg
         timer = PhaseTimer()
         step_start = time.perf_counter()
-        metrics: dict[str, Any] = {"step": self.global_step + 1, "epoch": self.batches.epoch}
+        metrics: dict[str, Any] = {"step": self.global_step + 1, "epoch": self._data_position()["epoch"]}
 
         # Rollouts; with dynamic sampling only the groups whose rewards differ, scored already.
         # Otherwise their scoring is still running (`scoring`) while the next calls start.
         batch, sampled, scoring = self._collect_batch(timer, metrics)
+        # How many syncs behind the actor's weights the responses were sampled (0 on-policy).
+        metrics["rollout/weight_lag"] = float(self.weight_version - min(sampled["weight_version"]))
 
         if batch is not None:
             # Old and reference log-probs and values need no rewards: their workers start now.
@@ -338,6 +357,7 @@ class RLTrainer:
             metrics.update(self._training_metrics(batch))
 
         self.global_step += 1
+        self.ledger.log(self.global_step, sampled["dataset_index"][:: cfg.rollout.n])
         metrics.update(self._rollout_metrics(sampled))
         metrics.update(timer.timings)
         step_time = time.perf_counter() - step_start
@@ -393,7 +413,7 @@ class RLTrainer:
         state = {
             "global_step": self.global_step,
             "weight_version": self.weight_version,
-            "batches": self.batches.state_dict(),
+            "batches": self._data_position(),
             "kl_ctrl": self.kl_ctrl.state_dict() if self.kl_ctrl is not None else None,
             "restarts": self.restarts,
         }
@@ -417,6 +437,9 @@ class RLTrainer:
     def load_checkpoint(self, path: str) -> None:
         """Restore the trainer, its trained workers and the rollout weights from ``path``."""
         state = ckpt.load_trainer_state(path)
+        # A generation in flight belongs to the position being left; the checkpoint's own
+        # position draws its prompts again if they are due.
+        self.in_flight = None
         for role in self._trained_roles():
             self.groups[role].call_all("load_checkpoint", os.path.join(path, role))
         self.global_step = int(state["global_step"])
@@ -429,33 +452,68 @@ class RLTrainer:
         self.weight_version = int(state["weight_version"]) - 1
         self._sync_weights()
         self.metrics.truncate_after(self.global_step)
+        self.ledger.truncate_after(self.global_step)
         tqdm.write(f"[rlflow] resumed from {path} at step {self.global_step}")
 
     # ----------------------------------------------------------------- rollouts
-    def _next_prompts(self) -> BatchedDataDict:
-        rows = [self.train_dataset[i] for i in self.batches.next_indices()]
-        return self._collate(rows)
+    def _data_position(self) -> dict[str, int]:
+        """The prompt order's position as a checkpoint saves it. Prompts of an in-flight
+        generation are not consumed yet: a resumed run draws and generates them again, so each
+        prompt of an epoch is trained on exactly once."""
+        return self.in_flight.data_state if self.in_flight is not None else self.batches.state_dict()
 
-    def _generate(self, timer: PhaseTimer, round_idx: int) -> tuple[BatchedDataDict, ShardedCall]:
-        """One generation round: the next prompt batch, ``rollout.n`` responses each, and the
-        reward workers' scoring of them, started but not awaited (see ``_finish_scoring``)."""
-        cfg = self.cfg
+    def _start_generation(self, timer: PhaseTimer, seed: int, trained_at_version: int) -> Generation:
+        """Draw the next prompt batch and start ``rollout.n`` responses to each.
+
+        ``trained_at_version`` is the actor weight version the responses will be trained
+        against; the rollout workers check that they lag it by at most
+        ``rollout.max_weight_staleness`` syncs.
+        """
         with timer.phase("data"):
-            prompts = self._next_prompts()
+            data_state = self.batches.state_dict()
+            indices = self.batches.next_indices()
+            prompts = self._collate([self.train_dataset[i] for i in indices])
             # One id per prompt: its n responses form a group (GRPO, RLOO, dynamic sampling).
             prompts["uid"] = [str(uuid.uuid4()) for _ in range(prompts.size)]
-            batch = prompts.repeat_interleave(cfg.rollout.n)
-
+            prompts["dataset_index"] = list(indices)  # for the prompt ledger
+            batch = prompts.repeat_interleave(self.cfg.rollout.n)
         with timer.phase("gen"):
-            generated = self._call_sharded(
-                "rollout", self.generate_method, batch,
-                seed=self.global_step + round_idx * _ROUND_SEED_STRIDE,
-                expected_weight_version=self.weight_version,
+            call = self._start_call(
+                "rollout", self.generate_method, batch, seed=seed, expected_weight_version=trained_at_version
             )
-            batch.update(generated)
-        if cfg.agent.enable:  # episodes are scored by their environment
+        return Generation(batch, call, data_state)
+
+    def _finish_generation(
+        self, timer: PhaseTimer, generation: Generation
+    ) -> tuple[BatchedDataDict, Optional[ShardedCall]]:
+        """Wait for ``generation``'s responses; returns the batch and the reward workers'
+        scoring of it, started but not awaited (see ``_finish_scoring``)."""
+        batch = generation.batch
+        with timer.phase("gen"):
+            batch.update(generation.call.result())
+        if self.cfg.agent.enable:  # episodes are scored by their environment
             return batch, None
         return batch, self._start_call("reward", "compute_reward", batch)
+
+    def _generate(self, timer: PhaseTimer, round_idx: int) -> tuple[BatchedDataDict, Optional[ShardedCall]]:
+        """One on-policy generation round of this step, run to the end (dynamic sampling)."""
+        seed = self.global_step + round_idx * _ROUND_SEED_STRIDE
+        return self._finish_generation(timer, self._start_generation(timer, seed, self.weight_version))
+
+    def _next_generation(self, timer: PhaseTimer) -> Generation:
+        """This step's generation round. In ``one_step_off`` mode it was started during the
+        previous step (the first step starts its own), and the next step's round starts now,
+        before this step trains: it samples with the current weights, one sync behind the
+        weights it will be trained against. The rollout workers run calls in order, so this
+        step's weight sync queues behind it."""
+        current = self.in_flight
+        if current is None:
+            current = self._start_generation(timer, self.global_step, self.weight_version)
+        self.in_flight = None
+        next_step = self.global_step + 1
+        if self.cfg.rollout.mode == "one_step_off" and next_step < self.total_steps:
+            self.in_flight = self._start_generation(timer, next_step, self.weight_version + 1)
+        return current
 
     def _finish_scoring(self, timer: PhaseTimer, batch: BatchedDataDict, scoring: Optional[ShardedCall]) -> None:
         """Wait for the scores of ``batch`` and add them (with overlong shaping) in place."""
@@ -489,7 +547,7 @@ class RLTrainer:
         cfg = self.cfg
         fcfg = cfg.algorithm.filter_groups
         if not fcfg.enable:
-            batch, scoring = self._generate(timer, round_idx=0)
+            batch, scoring = self._finish_generation(timer, self._next_generation(timer))
             return batch, batch, scoring
 
         n = cfg.rollout.n
@@ -553,6 +611,8 @@ class RLTrainer:
             return True
         if mode == "never":
             return False
+        if self.cfg.rollout.mode == "one_step_off":
+            return True  # sampled one sync ago: the gap to the rollout's log-probs shows the drift
         # Exactly on-policy (a single optimiser step per batch): the old log-probs equal the
         # current ones, so the update uses the detached current values and saves a forward pass.
         acfg = self.cfg.actor
@@ -672,10 +732,14 @@ class RLTrainer:
             self.global_step, self.weight_version = 0, 0
             self.batches.load_state_dict({"epoch": 0, "batch_in_epoch": 0})
             self.metrics.truncate_after(0)
+            self.ledger.truncate_after(0)
 
     def close(self, trackers: bool = True) -> None:
         """Stop the workers; unless only they are being rebuilt (``trackers=False``), also close
         the trackers and release the run folder."""
+        # An in-flight generation is dropped: its workers are killed below and its prompts
+        # were never counted as consumed (see _data_position).
+        self.in_flight = None
         for wg in self.groups.values():
             try:
                 wg.shutdown()

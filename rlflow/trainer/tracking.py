@@ -1,4 +1,5 @@
-"""Metrics sinks: one flat JSON object per step in metrics.jsonl, and a console line."""
+"""Metrics sinks: one flat JSON object per step in metrics.jsonl, and a console line; the
+prompt ledger (ledger.jsonl) of which dataset rows each step trained on."""
 
 from __future__ import annotations
 
@@ -35,6 +36,23 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def append_jsonl(path: str, row: dict[str, Any]) -> None:
+    """Append one JSON line, flushed at once, so a killed run keeps every finished step."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def truncate_jsonl(path: str, step: int) -> list[dict[str, Any]]:
+    """Atomically drop the rows of ``path`` whose ``step`` is after ``step``; returns the rest."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    kept = [r for r in rows if int(r.get("step", 0)) <= step]
+    write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
 class MetricsLog:
     """Appends each step's metrics to ``<output_dir>/metrics.jsonl`` (flushed every step, so a
     killed run keeps every finished step) and keeps them in memory for the Python API."""
@@ -57,18 +75,12 @@ class MetricsLog:
     def log(self, metrics: dict[str, Any]) -> None:
         row = {k: _jsonable(v) for k, v in metrics.items()}
         self.history.append(row)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(self.path, row)
 
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after ``step`` (a resumed run redoes those steps)."""
-        if not os.path.isfile(self.path):
-            return
-        with open(self.path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        kept = [r for r in rows if int(r.get("step", 0)) <= step]
-        write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self.history = kept
+        if os.path.isfile(self.path):
+            self.history = truncate_jsonl(self.path, step)
 
     @classmethod
     def console_line(cls, metrics: dict[str, Any]) -> str:
@@ -77,6 +89,24 @@ class MetricsLog:
             if key in metrics and metrics[key] is not None:
                 parts.append(f"{short} {metrics[key]:.4g}")
         return " | ".join(parts)
+
+
+class PromptLedger:
+    """``<output_dir>/ledger.jsonl``: one line per step, ``{"step": k, "indices": [...]}``, the
+    dataset rows whose prompts step k trained on (every generation round of the step). Over an
+    epoch, a run that was killed and resumed must list each row exactly once, like one that was
+    not; the metrics stay scalars for the trackers, so the lists live here."""
+
+    def __init__(self, output_dir: str) -> None:
+        os.makedirs(output_dir, exist_ok=True)
+        self.path = os.path.join(output_dir, "ledger.jsonl")
+
+    def log(self, step: int, indices: list[int]) -> None:
+        append_jsonl(self.path, {"step": int(step), "indices": [int(i) for i in indices]})
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the steps after ``step``: a resumed run trains them again."""
+        truncate_jsonl(self.path, step)
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:

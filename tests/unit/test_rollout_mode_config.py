@@ -1,0 +1,42 @@
+"""rollout.mode: sync by default; one_step_off checked against the settings it cannot run with."""
+
+from __future__ import annotations
+
+import pytest
+
+import rlflow
+from rlflow.errors import ConfigError
+from rlflow.trainer.config_checks import check_config
+
+ONE_STEP_OFF = ("rollout.mode=one_step_off", "rollout.max_weight_staleness=1")
+
+
+def check(*overrides: str) -> None:
+    check_config(rlflow.compose_config("grpo", overrides=list(overrides)))
+
+
+def test_sync_is_the_default_and_one_step_off_with_staleness_one_passes():
+    assert rlflow.compose_config("grpo").rollout.mode == "sync"
+    check()
+    check(*ONE_STEP_OFF)
+
+
+def test_unknown_mode_names_the_key():
+    with pytest.raises(ConfigError, match=r"rollout.mode='async' is not valid: use one of sync, one_step_off"):
+        check("rollout.mode=async")
+
+
+def test_one_step_off_needs_staleness():
+    with pytest.raises(ConfigError, match=r"rollout.mode=one_step_off.*rollout.max_weight_staleness=0.*"
+                                          r"set rollout.max_weight_staleness=1"):
+        check("rollout.mode=one_step_off")
+
+
+def test_one_step_off_excludes_dynamic_sampling():
+    with pytest.raises(ConfigError, match=r"rollout.mode=one_step_off.*algorithm.filter_groups.enable=true"):
+        check(*ONE_STEP_OFF, "algorithm.filter_groups.enable=true")
+
+
+def test_one_step_off_excludes_colocated_placement():
+    with pytest.raises(ConfigError, match=r"rollout.placement=split: colocated .* time-share"):
+        check(*ONE_STEP_OFF, "rollout.placement=colocated")
