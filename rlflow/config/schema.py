@@ -220,6 +220,9 @@ class ActorConfig:
 
 @dataclass
 class RefConfig:
+    # true: the actor's workers also hold the frozen reference (sharded like the actor) and
+    # score it; no ref worker processes start. false: the ref role has its own workers.
+    in_actor: bool = True
     num_workers: int = 1
     cpus_per_worker: float = 0.25
     gpus_per_worker: float = 0.0

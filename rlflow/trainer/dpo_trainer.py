@@ -68,8 +68,9 @@ class DPOTrainer:
         )
         self.total_steps = total_training_steps(cfg.trainer, self.batches.batches_per_epoch)
         self.global_step = 0
-        # With LoRA the reference policy is the actor's own frozen base (adapters off).
-        self.ref_in_actor = lora_enabled(cfg.actor.lora)
+        # With LoRA the reference policy is the actor's own frozen base (adapters off); with
+        # ref.in_actor a frozen copy in the actor's workers. Either way no ref workers start.
+        self.ref_in_actor = lora_enabled(cfg.actor.lora) or cfg.ref.in_actor
         self._val_ref_logps: Optional[torch.Tensor] = None
 
         self.groups: dict[str, WorkerGroup] = {}
@@ -100,7 +101,8 @@ class DPOTrainer:
     def _build_worker_groups(self) -> None:
         cfg = self.cfg
         typed = typed_config(cfg)
-        roles = [("actor", cfg.actor, {"role": "actor", "total_steps": self.total_steps})]
+        roles = [("actor", cfg.actor, {"role": "actor", "total_steps": self.total_steps,
+                                       "with_reference": self.ref_in_actor})]
         if not self.ref_in_actor:
             roles.append(("ref", cfg.ref, {"role": "ref"}))
         for role, role_cfg, kwargs in roles:
@@ -116,7 +118,7 @@ class DPOTrainer:
     def _sequence_log_probs(self, role: str, batch: BatchedDataDict) -> torch.Tensor:
         flag = {"reference": True} if role == "ref" and self.ref_in_actor else {}
         if flag:
-            role = "actor"  # LoRA: the actor's workers score the reference policy
+            role = "actor"  # the actor's workers score the reference policy
         role_cfg = self.cfg.actor if role == "actor" else self.cfg.ref
         out = self.groups[role].call_sharded(
             "compute_sequence_log_probs", batch,

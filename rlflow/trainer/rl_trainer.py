@@ -180,8 +180,9 @@ class RLTrainer:
         self.use_kl_in_reward = alg.use_kl_in_reward
         self.generate_method = "run_episodes" if cfg.agent.enable else "generate"
         self.use_ref = cfg.actor.use_kl_loss or self.use_kl_in_reward
-        # With LoRA the reference policy is the actor's own frozen base (adapters off).
-        self.ref_in_actor = self.use_ref and lora_enabled(cfg.actor.lora)
+        # With LoRA the reference policy is the actor's own frozen base (adapters off); with
+        # ref.in_actor a frozen copy in the actor's workers. Either way no ref workers start.
+        self.ref_in_actor = self.use_ref and (lora_enabled(cfg.actor.lora) or cfg.ref.in_actor)
         # The controller lives in the driver: its coefficient is one number per step.
         self.kl_ctrl = build_kl_controller(alg.kl_ctrl) if self.use_kl_in_reward else None
 
@@ -257,7 +258,8 @@ class RLTrainer:
         warmup = min(self.total_steps, cfg.trainer.critic_warmup) if self.use_critic else 0
         actor_steps = self.total_steps - warmup
         self.groups["actor"] = group(
-            PolicyWorker, "actor", cfg.actor, role="actor", total_steps=self._optimizer_steps(cfg.actor, actor_steps)
+            PolicyWorker, "actor", cfg.actor, role="actor", total_steps=self._optimizer_steps(cfg.actor, actor_steps),
+            with_reference=self.ref_in_actor,
         )
         if self.use_ref and not self.ref_in_actor:
             self.groups["ref"] = group(PolicyWorker, "ref", cfg.ref, role="ref")
@@ -592,7 +594,7 @@ class RLTrainer:
     def _start_log_probs(self, role: str, batch: BatchedDataDict) -> ShardedCall:
         reference = role == "ref" and self.ref_in_actor
         if reference:
-            role = "actor"  # LoRA: the actor's workers score the reference policy
+            role = "actor"  # the actor's workers score the reference policy
         wg = self.groups[role]
         role_cfg = self.cfg.actor if role == "actor" else self.cfg.ref
         shard = -(-batch.size // wg.world_size)

@@ -19,7 +19,6 @@ import torch.distributed as dist
 
 from rlflow.algorithms.losses import dpo_loss
 from rlflow.data.batched_data_dict import BatchedDataDict
-from rlflow.models.lora import adapters_disabled
 from rlflow.models.packing import ModelInputs, score_responses
 from rlflow.workers.fsdp import clip_and_step
 from rlflow.workers.policy import PolicyWorker
@@ -29,8 +28,8 @@ _PAIR_STATS = ("loss", "accuracy", "margin", "chosen_rewards", "rejected_rewards
 
 
 class DPOPolicyWorker(PolicyWorker):
-    def __init__(self, config: dict, role: str, total_steps: int = 1) -> None:
-        super().__init__(config, role, total_steps)
+    def __init__(self, config: dict, role: str, total_steps: int = 1, with_reference: bool = False) -> None:
+        super().__init__(config, role, total_steps, with_reference)
         # DPO scores the data as written: no sampling temperature.
         self.temperature = 1.0
 
@@ -68,10 +67,10 @@ class DPOPolicyWorker(PolicyWorker):
         self, batch: BatchedDataDict, micro_batch_size: int, reference: bool = False
     ) -> BatchedDataDict:
         """``{"logps": (N,), "num_tokens": (N,)}``: summed answer log-probs and answer lengths
-        of each row under the current weights (no gradient); ``reference``: under the frozen
-        base with the LoRA adapters off."""
+        of each row under the current weights (no gradient); ``reference``: under the
+        reference policy (the frozen copy, or the LoRA base with the adapters off)."""
         if reference:
-            with adapters_disabled(self.model):
+            with self._reference_policy():
                 return self.compute_sequence_log_probs(batch, micro_batch_size)
         self.model.eval()
         logps, counts = [], []

@@ -16,6 +16,8 @@ divided by the mini-batch's global token / sequence counts, so the gradient is t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import ray
@@ -48,7 +50,9 @@ from rlflow.workers.fsdp import clip_and_step, global_token_and_seq_counts, shar
 
 
 class PolicyWorker(Worker):
-    def __init__(self, config: dict, role: str, total_steps: int = 1) -> None:
+    def __init__(self, config: dict, role: str, total_steps: int = 1, with_reference: bool = False) -> None:
+        """``with_reference``: the actor also scores the reference policy (``ref.in_actor``);
+        with LoRA that is its own base with the adapters off, otherwise a frozen copy."""
         super().__init__()
         self.cfg = typed_config(config)
         self.role = role
@@ -61,6 +65,10 @@ class PolicyWorker(Worker):
         torch.manual_seed(self.cfg.trainer.seed)
 
         model = load_causal_lm(self.cfg.model, device=self.device)
+        # ref.in_actor: a frozen copy of the initial weights, sharded like the actor.
+        self.reference = None
+        if self.trainable and with_reference and not lora_enabled(self.cfg.actor.lora):
+            self.reference = self._frozen(load_causal_lm(self.cfg.model, device=self.device))
         if self.cfg.model.gradient_checkpointing and self.trainable:
             model.gradient_checkpointing_enable()
         # LoRA: frozen base + trainable adapters; the base with adapters off is the reference.
@@ -70,12 +78,7 @@ class PolicyWorker(Worker):
         if not self.trainable:
             model.requires_grad_(False)
             model.eval()
-        # Packed rows: per-sequence attention where the model runs sdpa (unpacked inputs keep
-        # sdpa as is), otherwise a block-diagonal mask in the form the attention kernel takes.
-        enable_varlen_sdpa(model)
-        self.mask_kind = mask_kind_for(model)
-        self.sliding_window, self.per_layer_type_masks = sliding_window_layout(model.config)
-        self.param_dtype = next(model.parameters()).dtype
+        self._prepare_attention(model)
         if self.world_size > 1:
             model = shard_decoder_layers(model, f"{role}.num_workers=1")
         self.model = model
@@ -88,6 +91,35 @@ class PolicyWorker(Worker):
             self.optimizer = build_optimizer(self.model.parameters(), self.cfg.actor.optim)
             self.lr_scheduler = build_lr_scheduler(self.optimizer, self.cfg.actor.optim, total_steps)
         self.global_step = 0
+
+    def _prepare_attention(self, model: torch.nn.Module) -> None:
+        # Packed rows: per-sequence attention where the model runs sdpa (unpacked inputs keep
+        # sdpa as is), otherwise a block-diagonal mask in the form the attention kernel takes.
+        enable_varlen_sdpa(model)
+        self.mask_kind = mask_kind_for(model)
+        self.sliding_window, self.per_layer_type_masks = sliding_window_layout(model.config)
+        self.param_dtype = next(model.parameters()).dtype
+
+    def _frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        model.requires_grad_(False)
+        model.eval()
+        self._prepare_attention(model)
+        return shard_decoder_layers(model, "actor.num_workers=1") if self.world_size > 1 else model
+
+    @contextmanager
+    def _reference_policy(self) -> Iterator[None]:
+        """Score with the reference policy inside this block: the frozen copy, or the LoRA
+        base with the adapters off."""
+        if self.reference is None:
+            with adapters_disabled(self.model):
+                yield
+            return
+        model, self.model = self.model, self.reference
+        try:
+            yield
+        finally:
+            self.model = model
+            self.reference.eval()
 
     # ----------------------------------------------------------------- micro-batching
     def _role_cfg(self) -> Any:
@@ -208,8 +240,14 @@ class PolicyWorker(Worker):
         frozen base with the LoRA adapters off (``actor.lora``).
         """
         if reference:
-            with adapters_disabled(self.model):
-                return self.compute_log_prob(batch, micro_batch_size, with_entropy=with_entropy)
+            with self._reference_policy():
+                return self._score(batch, micro_batch_size, with_entropy)
+        out = self._score(batch, micro_batch_size, with_entropy)
+        if self.trainable:
+            self.model.train()
+        return out
+
+    def _score(self, batch: BatchedDataDict, micro_batch_size: int, with_entropy: bool) -> BatchedDataDict:
         self.model.eval()
         layout, groups = self.plan_micro_batches(batch, micro_batch_size)
         shape = batch["responses"].shape
@@ -225,8 +263,6 @@ class PolicyWorker(Worker):
             out["log_probs"][index] = lp.cpu()
             if with_entropy:
                 out["entropy"][index] = ent.cpu()
-        if self.trainable:
-            self.model.train()
         return BatchedDataDict(out)
 
     # ----------------------------------------------------------------- update

@@ -24,7 +24,8 @@ def test_grpo_three_steps_through_ray(ray_cluster, tmp_path):
     trainer = rlflow.build_trainer(cfg)
     try:
         roles = {role: len(wg.workers_info()) for role, wg in trainer.groups.items()}
-        assert roles == {"actor": 2, "ref": 1, "rollout": 1, "reward": 1}
+        # the reference policy is a frozen copy inside the actor's workers (ref.in_actor)
+        assert roles == {"actor": 2, "rollout": 1, "reward": 1}
         actor_pids = {w["pid"] for w in trainer.groups["actor"].workers_info()}
         assert len(actor_pids) == 2, "the two actor ranks must be separate processes"
         first = trainer.step()
