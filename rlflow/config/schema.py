@@ -280,7 +280,10 @@ class OverlongBufferConfig:
 
 @dataclass
 class RewardConfig:
-    num_workers: int = 1
+    # 0: the driver scores each batch itself while the log-prob calls run (a rule reward costs
+    # less than shipping the batch to another process); >= 1: reward workers of their own,
+    # for slow or heavy scorers (sandboxed code, a model).
+    num_workers: int = 0
     cpus_per_worker: float = 0.25
     # Ray custom resources per worker; {node_a100: 1} pins the role to nodes that offer node_a100.
     custom_resources: Dict[str, float] = field(default_factory=dict)

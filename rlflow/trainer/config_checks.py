@@ -106,7 +106,7 @@ def check_rl_config(cfg: DictConfig) -> None:
         cfg,
         "data.train_batch_size", "data.max_prompt_length", "data.max_response_length", "rollout.n",
         "actor.num_workers", "actor.ppo_mini_batch_size", "actor.ppo_micro_batch_size_per_worker",
-        "actor.ppo_epochs", "rollout.num_workers", "ref.num_workers", "reward.num_workers",
+        "actor.ppo_epochs", "rollout.num_workers", "ref.num_workers",
     )
     if alg.adv_estimator in GROUP_ESTIMATORS and cfg.rollout.n < 2:
         raise ConfigError(
@@ -116,6 +116,7 @@ def check_rl_config(cfg: DictConfig) -> None:
         )
     for key in ("temperature", "val_temperature"):
         _non_negative(f"rollout.{key}", cfg.rollout[key])
+    _non_negative("reward.num_workers", cfg.reward.num_workers)
     if cfg.agent.enable:
         check_agent_config(cfg)
     if not 0.0 < cfg.rollout.top_p <= 1.0:

@@ -67,7 +67,7 @@ from rlflow.trainer.tracking import MetricsLog, PhaseTimer, PromptLedger
 from rlflow.utils.torch_functional import masked_mean
 from rlflow.workers.critic import CriticWorker
 from rlflow.workers.policy import PolicyWorker
-from rlflow.workers.reward import RewardWorker
+from rlflow.workers.reward import BatchScorer, RewardWorker
 from rlflow.workers.rollout import rollout_worker_class
 from rlflow.workers.rollout.policy_lag import rollout_logprob_gap
 
@@ -113,6 +113,19 @@ def off_policy_metrics(off_policy: Any, batch: BatchedDataDict) -> dict[str, flo
         is_cap=off_policy.is_cap, mis_low=off_policy.mis_low, mis_high=off_policy.mis_high,
     )
     return {f"actor/off_policy/{k}": v for k, v in correction_metrics(old, rollout, mask, kept).items()}
+
+
+class _DriverScoring:
+    """Scoring on the driver with a ``ShardedCall``'s ``result()``."""
+
+    def __init__(self, scorer: BatchScorer, batch: BatchedDataDict) -> None:
+        self.scorer, self.batch = scorer, batch
+        self._result: Optional[BatchedDataDict] = None
+
+    def result(self) -> BatchedDataDict:
+        if self._result is None:
+            self._result = self.scorer.score(self.batch)
+        return self._result
 
 
 # Seeds of extra dynamic-sampling rounds are offset by this much per round, far from the
@@ -179,6 +192,9 @@ class RLTrainer:
         self.use_critic = alg.adv_estimator == "gae"
         self.use_kl_in_reward = alg.use_kl_in_reward
         self.generate_method = "run_episodes" if cfg.agent.enable else "generate"
+        self.driver_scorer = None
+        if cfg.reward.num_workers == 0 and not cfg.agent.enable:
+            self.driver_scorer = BatchScorer(typed_config(cfg).reward, self.tokenizer, reward_fn)
         self.use_ref = cfg.actor.use_kl_loss or self.use_kl_in_reward
         # With LoRA the reference policy is the actor's own frozen base (adapters off); with
         # ref.in_actor a frozen copy in the actor's workers. Either way no ref workers start.
@@ -272,7 +288,8 @@ class RLTrainer:
             self.groups["rollout"] = group(rollout_worker_class(cfg.rollout.backend), "rollout", cfg.rollout, **reward_kwargs)
         else:
             self.groups["rollout"] = group(rollout_worker_class(cfg.rollout.backend), "rollout", cfg.rollout)
-            self.groups["reward"] = group(RewardWorker, "reward", cfg.reward, **reward_kwargs)
+            if cfg.reward.num_workers > 0:
+                self.groups["reward"] = group(RewardWorker, "reward", cfg.reward, **reward_kwargs)
         wait_ready(self.groups)
 
     # ----------------------------------------------------------------- one step
@@ -396,7 +413,7 @@ class RLTrainer:
             do_sample=temperature > 0, expected_weight_version=self.weight_version,
         ))
         if not cfg.agent.enable:  # episodes are scored by their environment
-            batch.update(self._call_sharded("reward", "compute_reward", batch))
+            batch.update(self._start_scoring(batch).result())
         scores = batch["scores"].float()
         out = {"val/reward/mean": scores.mean().item(),
                "val/response_length/mean": batch["response_mask"].sum(-1).float().mean().item()}
@@ -495,7 +512,14 @@ class RLTrainer:
             batch.update(generation.call.result())
         if self.cfg.agent.enable:  # episodes are scored by their environment
             return batch, None
-        return batch, self._start_call("reward", "compute_reward", batch)
+        return batch, self._start_scoring(batch)
+
+    def _start_scoring(self, batch: BatchedDataDict) -> Any:
+        """The reward workers' scoring of ``batch`` in flight, or, with ``reward.num_workers=0``,
+        the driver's, done when its result is first asked for (after the log-prob calls start)."""
+        if "reward" in self.groups:
+            return self._start_call("reward", "compute_reward", batch)
+        return _DriverScoring(self.driver_scorer, call_view("compute_reward", batch))
 
     def _generate(self, timer: PhaseTimer, round_idx: int) -> tuple[BatchedDataDict, Optional[ShardedCall]]:
         """One on-policy generation round of this step, run to the end (dynamic sampling)."""

@@ -36,10 +36,22 @@ class RewardWorker(Worker):
         ``reward.fns`` (several, weighted), ``reward.custom_fn`` or the built-in registry."""
         super().__init__()
         self.cfg = typed_config(config)
-        self.tokenizer = load_tokenizer(self.cfg.model)
-        self.score_fn: ScoreFn = resolve_reward_fn(self.cfg.reward, score_fn)
+        self.scorer = BatchScorer(self.cfg.reward, load_tokenizer(self.cfg.model), score_fn)
 
     def compute_reward(self, batch: BatchedDataDict) -> BatchedDataDict:
+        return self.scorer.score(batch)
+
+
+class BatchScorer:
+    """Scores generated batches; used by the reward workers, and by the driver itself when
+    ``reward.num_workers=0`` (rule rewards cost less than a round trip to another process)."""
+
+    def __init__(self, reward_cfg: Any, tokenizer: Any, score_fn: Optional[ScoreFn] = None) -> None:
+        self.rcfg = reward_cfg
+        self.tokenizer = tokenizer
+        self.score_fn: ScoreFn = resolve_reward_fn(reward_cfg, score_fn)
+
+    def score(self, batch: BatchedDataDict) -> BatchedDataDict:
         responses = batch["responses"]
         mask = batch["response_mask"]
         lengths = mask.sum(dim=1)
@@ -50,7 +62,7 @@ class RewardWorker(Worker):
         extras: dict[str, list[float]] = {}
         failed = torch.zeros(batch.size)
         timed_out = torch.zeros(batch.size)
-        rcfg = self.cfg.reward
+        rcfg = self.rcfg
         rows = batch["index"] if "index" in batch else list(range(batch.size))
         deadline = None if not rcfg.batch_timeout_s else time.monotonic() + float(rcfg.batch_timeout_s)
         with alarm_handler():  # one handler for the batch; each sample only arms the timer
@@ -95,7 +107,7 @@ class RewardWorker(Worker):
 
     def _report(self, failed: torch.Tensor, timed_out: torch.Tensor, rows: list) -> None:
         """One warning per batch naming the data rows whose scoring raised or timed out."""
-        rcfg = self.cfg.reward
+        rcfg = self.rcfg
         for flags, what in ((failed, "raised"), (timed_out, "timed out")):
             hit = [rows[i] for i in flags.nonzero().flatten().tolist()]
             if hit:

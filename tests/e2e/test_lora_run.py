@@ -35,7 +35,7 @@ def test_lora_grpo_syncs_adapters_resumes_exactly_and_exports(ray_cluster, tmp_p
     run_a = tmp_path / "a"
     trainer = build("grpo_lora", run_a, "trainer.total_steps=4", "trainer.save_freq=2", "trainer.export_hf=true")
     try:
-        assert {role: wg.world_size for role, wg in trainer.groups.items()} == {"actor": 2, "rollout": 1, "reward": 1}
+        assert {role: wg.world_size for role, wg in trainer.groups.items()} == {"actor": 2, "rollout": 1}
         trainer.fit()
         actor, rollout = trainer.groups["actor"], trainer.groups["rollout"]
         # A sync ships the adapters only.
@@ -98,7 +98,7 @@ def test_lora_dpo_and_ppo_run_without_reference_workers(ray_cluster, tmp_path):
     # leaves it as it is; the KL in the reward is measured against the actor's base.
     trainer = build("ppo", tmp_path / "ppo", "trainer.total_steps=2", "actor.lora.rank=8")
     try:
-        assert set(trainer.groups) == {"actor", "critic", "rollout", "reward"}
+        assert set(trainer.groups) == {"actor", "critic", "rollout"}
         history = trainer.fit()
     finally:
         trainer.close()

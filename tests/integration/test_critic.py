@@ -243,7 +243,7 @@ def test_ppo_trainer_trains_only_the_critic_during_warmup(ray_cluster, tmp_path)
     trainer = rlflow.build_trainer(cfg)
     try:
         # the reference policy is a frozen copy inside the actor's workers (ref.in_actor)
-        assert set(trainer.groups) == {"actor", "critic", "rollout", "reward"}
+        assert set(trainer.groups) == {"actor", "critic", "rollout"}
         history = [trainer.step() for _ in range(3)]
     finally:
         trainer.close()

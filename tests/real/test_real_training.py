@@ -78,12 +78,12 @@ def test_grpo_gsm8k_dynamic_batching_fsdp_then_export(ray_cluster, real_model, g
         "actor.num_workers=2",  # FSDP2 over gloo: the chunked LM head under sharding
         "actor.use_dynamic_bsz=true", "actor.max_tokens_per_microbatch=256",
         # the reference in workers of its own here; the MATH test keeps it in the actor's
-        "ref.in_actor=false", "ref.use_dynamic_bsz=true", "ref.max_tokens_per_microbatch=256",
+        "ref.in_actor=false", "reward.num_workers=1", "ref.use_dynamic_bsz=true", "ref.max_tokens_per_microbatch=256",
         "trainer.save_freq=1",
     ))
     trainer = rlflow.build_trainer(cfg)
     try:
-        assert set(trainer.groups) == {"actor", "ref", "rollout", "reward"}  # ref.in_actor=false
+        assert set(trainer.groups) == {"actor", "ref", "rollout", "reward"}  # both with workers of their own
         metrics = trainer.step()
     finally:
         trainer.close()
