@@ -660,7 +660,8 @@ class RLTrainer:
         """What the policy did this step: every sampled response, filtered or not."""
         scores = sampled["scores"].float()
         resp_len = sampled["response_mask"].sum(-1).float()
-        prompt_len = sampled["attention_mask"].sum(-1).float() - resp_len
+        # the prompt's columns only: a multi-turn response also holds observation tokens
+        prompt_len = sampled["attention_mask"][:, : sampled["prompts"].shape[1]].sum(-1).float()
         max_len = self.cfg.data.max_response_length
         out = {
             "reward/mean": scores.mean().item(),
