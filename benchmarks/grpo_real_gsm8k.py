@@ -9,8 +9,9 @@ prompts come from the GSM8K rows of rlflow's train split, held-out prompts from 
 split (no GSM8K row is in both). Responses get 12 tokens, so an answer that does not come
 straight away is cut off.
 
-The held-out reward (greedy decoding) is measured before the first step and after the last;
-steps, wall time and tokens/s come from the trainer's metrics.
+The held-out reward is measured before the first step and after the last, twice: greedy, and
+sampled at temperature 1 like the training rollouts (one response per prompt); steps, wall
+time and tokens/s come from the trainer's metrics.
 
     python benchmarks/grpo_real_gsm8k.py                       # 16 steps, lr 1e-5
     python benchmarks/grpo_real_gsm8k.py --steps 2 --val 16    # quick look
@@ -98,25 +99,33 @@ def main() -> int:
         "actor.use_kl_loss=false",
         f"actor.optim.lr={args.lr}",
         f"trainer.total_steps={args.steps}",
-        f"trainer.test_freq={args.steps}",
-        "trainer.val_before_train=true",
+        # held-out rewards are measured here, greedy and sampled, not inside fit()
+        f"trainer.test_freq={args.steps + 1}", "trainer.val_before_train=false",
         "trainer.progress_bar=false",
         f"trainer.output_dir={out / 'run'}",
     ])
     start = time.perf_counter()
     trainer = rlflow.build_trainer(cfg, reward_fn=short_answer)
+
+    def held_out(temperature: float) -> float:
+        """Held-out reward: greedy (0) or sampled like the training rollouts (1)."""
+        trainer.cfg.rollout.val_temperature = temperature
+        return trainer.validate()["val/reward/mean"]
+
     try:
-        before = trainer.validate()
+        before = {t: held_out(t) for t in (0.0, 1.0)}
         history = trainer.fit()
+        after = {t: held_out(t) for t in (0.0, 1.0)}
     finally:
         trainer.close()
     wall = time.perf_counter() - start
     steps = [row for row in history if "timing/step_s" in row]
-    after = history[-1]
     train_s = sum(row["timing/step_s"] for row in steps)
     summary = {
-        "held_out_reward_before": round(before["val/reward/mean"], 3),
-        "held_out_reward_after": round(after["val/reward/mean"], 3),
+        "held_out_greedy_before": round(before[0.0], 3),
+        "held_out_greedy_after": round(after[0.0], 3),
+        "held_out_sampled_before": round(before[1.0], 3),
+        "held_out_sampled_after": round(after[1.0], 3),
         "train_reward_first_3_steps": round(sum(r["reward/mean"] for r in steps[:3]) / len(steps[:3]), 3),
         "train_reward_last_3_steps": round(sum(r["reward/mean"] for r in steps[-3:]) / len(steps[-3:]), 3),
         "steps": len(steps),
