@@ -334,13 +334,21 @@ class WorkerGroup:
             raise RuntimeError(f"the worker group of role {self.role!r} is shut down")
         return method
 
-    def get(self, refs: Sequence[ray.ObjectRef], method: str = "call", timeout_s: float | None = None) -> list[Any]:
-        """``ray.get`` on per-rank refs (``refs[i]`` from rank ``i``), with errors that name the
-        role, rank and method. Fails on the first rank that fails, without waiting for ranks
-        that may now hang on a collective with it. ``timeout_s`` None: the group default."""
+    def get(
+        self,
+        refs: Sequence[ray.ObjectRef],
+        method: str = "call",
+        timeout_s: float | None = None,
+        ranks: Sequence[int] | None = None,
+    ) -> list[Any]:
+        """``ray.get`` on per-rank refs (``refs[i]`` from rank ``i``, or from ``ranks[i]`` when
+        given), with errors that name the role, rank and method. Fails on the first rank that
+        fails, without waiting for ranks that may now hang on a collective with it.
+        ``timeout_s`` None: the group default."""
         timeout_s = self.call_timeout_s if timeout_s is None else timeout_s
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        rank_of = {ref: (ranks[i] if ranks is not None else i) for i, ref in enumerate(refs)}
+        position = {ref: i for i, ref in enumerate(refs)}
         results: list[Any] = [None] * len(refs)
         remaining = list(refs)
         while remaining:
@@ -356,7 +364,7 @@ class WorkerGroup:
             for ref in done:
                 rank = rank_of[ref]
                 try:
-                    results[rank] = ray.get(ref)
+                    results[position[ref]] = ray.get(ref)
                 except RayActorError as err:
                     when = "failed to start" if method == "__init__" else f"died during {method!r}"
                     raise WorkerDiedError(
@@ -380,6 +388,12 @@ class WorkerGroup:
     def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """``method(*args, **kwargs)`` on every rank; returns the results by rank."""
         return self.get(self.call_all_async(method, *args, **kwargs), method)
+
+    def call_rank_async(self, rank: int, method: str, *args: Any, **kwargs: Any) -> ray.ObjectRef:
+        """Start ``method(*args, **kwargs)`` on rank ``rank`` only; collect it with
+        ``get([ref], method, ranks=[rank])`` so a failure names that rank."""
+        name = self._method(method)
+        return getattr(self._workers[rank], name).remote(*args, **kwargs)
 
     def call_rank0(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """``method(*args, **kwargs)`` on rank 0 only; returns its result."""
