@@ -208,12 +208,16 @@ class WorkerGroup:
         self.call_timeout_s = call_timeout_s
         self.ready_timeout_s = ready_timeout_s
         self._workers: list[ray.actor.ActorHandle] = []
+        # How each rank was made, so that ``respawn`` can make it again.
+        self._options: list[dict] = []
+        self._init_kwargs = init_kwargs or {}
 
         pool.ready(timeout_s=ready_timeout_s)
         master_addr, master_port = self._master_endpoint()
         node_ids = pool.node_ids()
         cpus_threads = str(max(1, math.floor(pool.cpus_per_worker)))
         remote_cls = ray.remote(worker_cls)
+        self._remote_cls = remote_cls
         try:
             for rank in range(pool.num_workers):
                 same_node = [r for r in range(pool.num_workers) if node_ids[r] == node_ids[rank]]
@@ -236,7 +240,8 @@ class WorkerGroup:
                     scheduling_strategy=pool.bundle(rank),
                     runtime_env={"env_vars": env},
                 )
-                self._workers.append(self._spawn(remote_cls, options, init_kwargs or {}))
+                self._options.append(options)
+                self._workers.append(self._spawn(remote_cls, options, self._init_kwargs))
         except BaseException:
             self.shutdown(remove_pool=False)
             raise
@@ -251,6 +256,18 @@ class WorkerGroup:
         except BaseException:
             self.shutdown(remove_pool=False)
             raise
+
+    def respawn(self, rank: int) -> None:
+        """Replace rank ``rank``'s actor (typically dead) with a new one made like the first: same
+        bundle, environment and constructor arguments. Waits until it is constructed. Only for
+        roles whose ranks do not share a collective (e.g. rollout engines): the others would
+        still be joined to the dead process."""
+        try:
+            ray.kill(self._workers[rank], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self._workers[rank] = self._spawn(self._remote_cls, self._options[rank], self._init_kwargs)
+        self.get([self._workers[rank].__ray_ready__.remote()], "__init__", self.ready_timeout_s, ranks=[rank])
 
     # ------------------------------------------------------------------ set-up
 

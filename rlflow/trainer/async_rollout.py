@@ -14,6 +14,10 @@ Prompts are tracked individually as ``(epoch, dataset index)``. Those drawn but 
 trained (waiting, being generated, or buffered) are the ``pending`` prompts: a checkpoint
 saves them as not consumed, so a resumed run generates them again and each prompt of an
 epoch is trained on exactly once.
+
+A rollout worker that dies is replaced on its own (the rollout ranks share no collective):
+the prompts of its unfinished calls go back to the front of the queue, the new worker gets
+the latest weights before its first call, and training goes on without a rollback.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import ray
 
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.data.prompt_batches import PromptBatches
-from rlflow.distributed.worker_group import WorkerGroup
+from rlflow.distributed.worker_group import WorkerDiedError, WorkerGroup
 
 Prompt = tuple[int, int]  # (epoch, dataset index)
 
@@ -62,6 +66,7 @@ class AsyncRollout:
         batches: PromptBatches,
         make_batch: Callable[[list[int]], BatchedDataDict],
         view: Callable[[BatchedDataDict], BatchedDataDict],
+        on_worker_lost: Callable[[WorkerDiedError, int], None],
         *,
         train_batch_size: int,
         prompts_per_call: int,
@@ -73,6 +78,9 @@ class AsyncRollout:
         self.batches = batches
         self.make_batch = make_batch  # dataset indices -> prompts repeated rollout.n times
         self.view = view  # the keys the generate method reads
+        # Told (with the number of prompts to generate again) before a dead worker is
+        # replaced; it may raise to give up (a restart limit).
+        self.on_worker_lost = on_worker_lost
         self.train_batch_size = train_batch_size
         self.prompts_per_call = prompts_per_call
         self.max_staleness = max_staleness
@@ -80,6 +88,7 @@ class AsyncRollout:
         # trained about max_staleness steps later, so few exceed the bound and are dropped.
         self.max_ahead = max(1, max_staleness) * train_batch_size
         self.weight_version = weight_version
+        self.weights: list | None = None  # the latest pushed weights, for a replaced worker
         self.queue: deque[Prompt] = deque()  # drawn, not yet sent to a worker
         self.calls: dict[int, list[_GenerateCall]] = {rank: [] for rank in range(group.world_size)}
         self.buffer: list[Group] = []
@@ -96,6 +105,7 @@ class AsyncRollout:
         self.calls = {rank: [] for rank in range(self.group.world_size)}
         self.buffer = []
         self.syncs = []
+        self.weights = None
         self.prompts_to_draw = prompts_to_draw
 
     def pending(self) -> list[Prompt]:
@@ -111,6 +121,7 @@ class AsyncRollout:
         """Send weights ``version`` to every worker without waiting: each applies it after the
         calls already queued on it, and every call sent from now on samples with it."""
         self.weight_version = version
+        self.weights = state_ref
         refs = self.group.call_all_async("update_weights", state_ref, version)
         self.syncs.extend(enumerate(refs))
 
@@ -141,20 +152,43 @@ class AsyncRollout:
         return [c.ref for calls in self.calls.values() for c in calls] + [ref for _, ref in self.syncs]
 
     def _harvest(self) -> None:
-        """Move finished calls into the buffer; a dead or failing worker raises here."""
+        """Move finished calls into the buffer and replace dead workers; a worker whose call
+        raised raises here."""
         for rank, calls in self.calls.items():
             while calls and _is_ready(calls[0].ref):  # a worker finishes its calls in order
+                try:
+                    (result,) = self.group.get([calls[0].ref], self.method, ranks=[rank])
+                except WorkerDiedError as err:
+                    self._replace_worker(rank, err)
+                    break
                 call = calls.pop(0)
-                (result,) = self.group.get([call.ref], self.method, ranks=[rank])
                 call.batch.update(result)
                 n = call.batch.size // len(call.prompts)
                 for i, prompt in enumerate(call.prompts):
                     rows = call.batch.select_indices(list(range(i * n, (i + 1) * n)))
                     self.buffer.append(Group(prompt, rows, min(int(v) for v in rows["weight_version"])))
-        done = [(rank, ref) for rank, ref in self.syncs if _is_ready(ref)]
-        for rank, ref in done:
-            self.group.get([ref], "update_weights", ranks=[rank])
-        self.syncs = [s for s in self.syncs if s not in done]
+        for sync in list(self.syncs):
+            rank, ref = sync
+            if sync not in self.syncs or not _is_ready(ref):  # gone with a replaced worker
+                continue
+            self.syncs.remove(sync)
+            try:
+                self.group.get([ref], "update_weights", ranks=[rank])
+            except WorkerDiedError as err:
+                self._replace_worker(rank, err)
+
+    def _replace_worker(self, rank: int, err: WorkerDiedError) -> None:
+        """A dead worker's unfinished prompts go back to the front of the queue; a new worker
+        takes its place with the latest weights (queued before any generate call)."""
+        lost = [p for call in self.calls[rank] for p in call.prompts]
+        self.calls[rank].clear()
+        self.queue.extendleft(reversed(lost))
+        self.syncs = [(r, ref) for r, ref in self.syncs if r != rank]
+        self.on_worker_lost(err, len(lost))
+        self.group.respawn(rank)
+        if self.weights is not None:
+            ref = self.group.call_rank_async(rank, "update_weights", self.weights, self.weight_version)
+            self.syncs.append((rank, ref))
 
     def wait_for(self, refs: list[ray.ObjectRef]) -> None:
         """Block until ``refs`` (another role's call) are done, generating all the while."""

@@ -294,7 +294,7 @@ class RLTrainer:
         if cfg.rollout.mode == "async":
             self.async_rollout = AsyncRollout(
                 self.groups["rollout"], self.generate_method, self.batches, self._prompt_batch,
-                lambda batch: call_view(self.generate_method, batch),
+                lambda batch: call_view(self.generate_method, batch), self._rollout_worker_lost,
                 train_batch_size=cfg.data.train_batch_size,
                 prompts_per_call=cfg.rollout.async_prompts_per_call,
                 max_staleness=cfg.rollout.max_weight_staleness,
@@ -780,13 +780,28 @@ class RLTrainer:
             tqdm.write(f"[rlflow] exported the policy as a Hugging Face model: {path}")
         return self.metrics.history
 
-    def _recover(self, err: WorkerDiedError) -> None:
-        """A worker process died: rebuild every group and continue from the last checkpoint."""
+    def _count_restart(self, err: WorkerDiedError) -> None:
+        """One more restart, or ``err`` again when ``trainer.max_restarts`` are used up."""
         self.restarts += 1
         limit = self.cfg.trainer.max_restarts
         if self.restarts > limit:
             raise err
         logger.warning("worker died (%s); restart %d of %d", err, self.restarts, limit)
+
+    def _rollout_worker_lost(self, err: WorkerDiedError, num_prompts: int) -> None:
+        """async: a rollout worker died; ``AsyncRollout`` replaces just that worker and
+        generates its unfinished prompts again, so training goes on from where it is."""
+        self._count_restart(err)
+        tqdm.write(
+            f"[rlflow] a rollout worker died ({str(err).splitlines()[0]}); replacing it and generating "
+            f"its {num_prompts} unfinished prompt(s) again, restart {self.restarts} of "
+            f"{self.cfg.trainer.max_restarts}"
+        )
+
+    def _recover(self, err: WorkerDiedError) -> None:
+        """A worker process died: rebuild every group and continue from the last checkpoint."""
+        self._count_restart(err)
+        limit = self.cfg.trainer.max_restarts
         tqdm.write(f"[rlflow] a worker died ({str(err).splitlines()[0]}); restart {self.restarts} of {limit}")
         self.close(trackers=False)
         self._build_worker_groups()

@@ -107,7 +107,9 @@ def test_async_rollout_worker_killed_mid_run_is_replaced_without_losing_prompts(
         raise
     output = "".join(lines) + rest
     assert proc.returncode == 0, output[-3000:]
-    assert "restart 1 of 1" in output and "rlflow/rollout/0" in output
+    # Only the dead worker was replaced: no rollback to a checkpoint, no step repeated.
+    assert "a rollout worker died" in output and "restart 1 of 1" in output, output[-3000:]
+    assert "rlflow/rollout/0" in output and "resumed from" not in output
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
     assert rows(out)[-1]["trainer/restarts"] == 1.0
     assert_epoch_consumed_once(out)
