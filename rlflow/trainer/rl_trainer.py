@@ -336,6 +336,7 @@ class RLTrainer:
 
             if ref is not None:
                 with timer.phase("ref"):
+                    self._keep_generating(ref)
                     batch["ref_log_probs"] = ref.result()["log_probs"]
 
             if values is not None:

@@ -36,8 +36,10 @@ def assert_lag_within_bound(history: list[dict]) -> None:
 
 def test_async_never_trains_on_samples_older_than_the_bound(ray_cluster, tmp_path):
     out = tmp_path / "run"
+    # Two rollout workers, each fed its own calls.
+    two_workers = ("rollout.num_workers=2", "rollout.cpus_per_worker=0.25")
     cfg = rlflow.compose_config(
-        "grpo", overrides=[f"trainer.output_dir={out}", "trainer.progress_bar=false", *EPOCH_OF_SIX]
+        "grpo", overrides=[f"trainer.output_dir={out}", "trainer.progress_bar=false", *EPOCH_OF_SIX, *two_workers]
     )
     trainer = rlflow.build_trainer(cfg)
     try:
