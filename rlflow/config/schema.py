@@ -99,8 +99,13 @@ class RolloutConfig:
     # 0 = strictly on-policy (a missed sync is an error).
     max_weight_staleness: int = 0
     # "sync": generate, then train on it (on-policy). "one_step_off": generate the next batch
-    # while the actor trains on this one, with weights one sync old (docs/async.md).
+    # while the actor trains on this one, with weights one sync old. "async": rollout workers
+    # generate continuously into a buffer; groups older than max_weight_staleness syncs are
+    # dropped and regenerated (docs/async.md).
     mode: str = "sync"
+    # async mode: prompts (each with its rollout.n responses) per generate call on one worker.
+    # Small calls let a weight sync land soon: a worker applies it between two calls.
+    async_prompts_per_call: int = 4
     # Where rollout workers sit: "split" (their own devices) or "colocated" (the actor's
     # devices, time-shared: on GPU the vLLM engine sleeps between rollouts). Same on CPU.
     placement: str = "split"

@@ -208,12 +208,16 @@ class WorkerGroup:
         self.call_timeout_s = call_timeout_s
         self.ready_timeout_s = ready_timeout_s
         self._workers: list[ray.actor.ActorHandle] = []
+        # How each rank was made, so that ``respawn`` can make it again.
+        self._options: list[dict] = []
+        self._init_kwargs = init_kwargs or {}
 
         pool.ready(timeout_s=ready_timeout_s)
         master_addr, master_port = self._master_endpoint()
         node_ids = pool.node_ids()
         cpus_threads = str(max(1, math.floor(pool.cpus_per_worker)))
         remote_cls = ray.remote(worker_cls)
+        self._remote_cls = remote_cls
         try:
             for rank in range(pool.num_workers):
                 same_node = [r for r in range(pool.num_workers) if node_ids[r] == node_ids[rank]]
@@ -236,7 +240,8 @@ class WorkerGroup:
                     scheduling_strategy=pool.bundle(rank),
                     runtime_env={"env_vars": env},
                 )
-                self._workers.append(self._spawn(remote_cls, options, init_kwargs or {}))
+                self._options.append(options)
+                self._workers.append(self._spawn(remote_cls, options, self._init_kwargs))
         except BaseException:
             self.shutdown(remove_pool=False)
             raise
@@ -251,6 +256,18 @@ class WorkerGroup:
         except BaseException:
             self.shutdown(remove_pool=False)
             raise
+
+    def respawn(self, rank: int) -> None:
+        """Replace rank ``rank``'s actor (typically dead) with a new one made like the first: same
+        bundle, environment and constructor arguments. Waits until it is constructed. Only for
+        roles whose ranks do not share a collective (e.g. rollout engines): the others would
+        still be joined to the dead process."""
+        try:
+            ray.kill(self._workers[rank], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self._workers[rank] = self._spawn(self._remote_cls, self._options[rank], self._init_kwargs)
+        self.get([self._workers[rank].__ray_ready__.remote()], "__init__", self.ready_timeout_s, ranks=[rank])
 
     # ------------------------------------------------------------------ set-up
 
@@ -334,13 +351,21 @@ class WorkerGroup:
             raise RuntimeError(f"the worker group of role {self.role!r} is shut down")
         return method
 
-    def get(self, refs: Sequence[ray.ObjectRef], method: str = "call", timeout_s: float | None = None) -> list[Any]:
-        """``ray.get`` on per-rank refs (``refs[i]`` from rank ``i``), with errors that name the
-        role, rank and method. Fails on the first rank that fails, without waiting for ranks
-        that may now hang on a collective with it. ``timeout_s`` None: the group default."""
+    def get(
+        self,
+        refs: Sequence[ray.ObjectRef],
+        method: str = "call",
+        timeout_s: float | None = None,
+        ranks: Sequence[int] | None = None,
+    ) -> list[Any]:
+        """``ray.get`` on per-rank refs (``refs[i]`` from rank ``i``, or from ``ranks[i]`` when
+        given), with errors that name the role, rank and method. Fails on the first rank that
+        fails, without waiting for ranks that may now hang on a collective with it.
+        ``timeout_s`` None: the group default."""
         timeout_s = self.call_timeout_s if timeout_s is None else timeout_s
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        rank_of = {ref: (ranks[i] if ranks is not None else i) for i, ref in enumerate(refs)}
+        position = {ref: i for i, ref in enumerate(refs)}
         results: list[Any] = [None] * len(refs)
         remaining = list(refs)
         while remaining:
@@ -356,7 +381,7 @@ class WorkerGroup:
             for ref in done:
                 rank = rank_of[ref]
                 try:
-                    results[rank] = ray.get(ref)
+                    results[position[ref]] = ray.get(ref)
                 except RayActorError as err:
                     when = "failed to start" if method == "__init__" else f"died during {method!r}"
                     raise WorkerDiedError(
@@ -380,6 +405,12 @@ class WorkerGroup:
     def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """``method(*args, **kwargs)`` on every rank; returns the results by rank."""
         return self.get(self.call_all_async(method, *args, **kwargs), method)
+
+    def call_rank_async(self, rank: int, method: str, *args: Any, **kwargs: Any) -> ray.ObjectRef:
+        """Start ``method(*args, **kwargs)`` on rank ``rank`` only; collect it with
+        ``get([ref], method, ranks=[rank])`` so a failure names that rank."""
+        name = self._method(method)
+        return getattr(self._workers[rank], name).remote(*args, **kwargs)
 
     def call_rank0(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """``method(*args, **kwargs)`` on rank 0 only; returns its result."""

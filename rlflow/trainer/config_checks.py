@@ -14,7 +14,7 @@ from rlflow.data.batch_sizes import divisors
 from rlflow.errors import ConfigError
 
 ROLLOUT_BACKENDS = ("hf", "vllm")
-ROLLOUT_MODES = ("sync", "one_step_off")
+ROLLOUT_MODES = ("sync", "one_step_off", "async")
 TRAINER_ALGORITHMS = ("rl", "dpo")
 FILTER_METRICS = ("score", "seq_reward")
 POLICY_LOSSES = ("ppo_clip", "gspo")
@@ -181,28 +181,40 @@ def check_rl_config(cfg: DictConfig) -> None:
 
 
 def _check_rollout_mode(cfg: DictConfig) -> None:
-    """``rollout.mode=one_step_off`` trains on batches sampled one weight sync ago, so the lag
-    must be allowed and something must be able to run while the actor trains."""
+    """``rollout.mode=one_step_off`` and ``async`` train on responses sampled one or more weight
+    syncs ago, so the lag must be allowed and something must be able to run while the actor
+    trains."""
     rcfg = cfg.rollout
     _one_of("rollout.mode", rcfg.mode, ROLLOUT_MODES)
-    if rcfg.mode != "one_step_off":
+    if rcfg.max_weight_staleness is None or rcfg.max_weight_staleness < 0:
+        raise ConfigError(
+            f"rollout.max_weight_staleness={rcfg.max_weight_staleness} must be >= 0 (0: on-policy, "
+            "k: responses may be sampled up to k weight syncs before they are trained on)"
+        )
+    mode = rcfg.mode
+    if mode == "sync":
         return
     if rcfg.max_weight_staleness < 1:
+        lag = "one sync old" if mode == "one_step_off" else "one or more syncs old"
         raise ConfigError(
-            f"rollout.mode=one_step_off trains on responses from weights one sync old, but "
+            f"rollout.mode={mode} trains on responses from weights {lag}, but "
             f"rollout.max_weight_staleness={rcfg.max_weight_staleness} forbids any lag: set "
-            "rollout.max_weight_staleness=1 (or more)"
+            f"rollout.max_weight_staleness={1 if mode == 'one_step_off' else 2} (or more)"
         )
     if cfg.algorithm.filter_groups.enable:
         raise ConfigError(
-            "rollout.mode=one_step_off cannot run with algorithm.filter_groups.enable=true: dynamic "
+            f"rollout.mode={mode} cannot run with algorithm.filter_groups.enable=true: dynamic "
             "sampling decides how many prompts to generate from this step's rewards; set one of "
             "them off (rollout.mode=sync)"
         )
     if rcfg.placement == "colocated":
         raise ConfigError(
-            "rollout.mode=one_step_off needs rollout.placement=split: colocated rollout and actor "
+            f"rollout.mode={mode} needs rollout.placement=split: colocated rollout and actor "
             "time-share the same devices, so generation and training cannot overlap"
+        )
+    if mode == "async" and rcfg.async_prompts_per_call < 1:
+        raise ConfigError(
+            f"rollout.async_prompts_per_call={rcfg.async_prompts_per_call} must be >= 1 (e.g. 4)"
         )
 
 

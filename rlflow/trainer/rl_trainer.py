@@ -16,7 +16,9 @@ Optional pieces switch on by config: the ref group when a KL term is on
 (``actor.use_kl_loss`` or ``algorithm.use_kl_in_reward``), the critic group for
 ``algorithm.adv_estimator=gae``, dynamic sampling with ``algorithm.filter_groups.enable``.
 With ``rollout.mode=one_step_off`` the rollout group generates the next step's batch while
-the actor trains on this one (see ``_next_generation`` and docs/async.md).
+the actor trains on this one (see ``_next_generation``); with ``rollout.mode=async`` the
+rollout workers generate continuously into a buffer that each step takes its batch from
+(see ``_take_async_batch``, ``AsyncRollout`` and docs/async.md).
 Read ``step`` top to bottom for the whole algorithm.
 """
 
@@ -57,6 +59,7 @@ from rlflow.models.architecture import check_model_support
 from rlflow.models.lora import lora_enabled
 from rlflow.distributed.worker_group import WorkerDiedError
 from rlflow.trainer import checkpoint as ckpt
+from rlflow.trainer.async_rollout import AsyncRollout
 from rlflow.trainer.config_checks import check_config
 from rlflow.trainer.preflight import check_first_rows, preflight
 from rlflow.trainer.startup import (
@@ -128,6 +131,20 @@ class _DriverScoring:
         return self._result
 
 
+def weight_lag_metrics(trainer_version: int, sample_versions: list) -> dict[str, float]:
+    """How many syncs behind the trained weights each sample was generated: the mean
+    (``rollout/weight_lag``), the max, and the fraction of samples at each lag
+    (``rollout/lag_<k>``, from 0 to the max)."""
+    lags = [trainer_version - int(v) for v in sample_versions]
+    out = {
+        "rollout/weight_lag": sum(lags) / len(lags),
+        "rollout/weight_lag_max": float(max(lags)),
+    }
+    for k in range(max(lags) + 1):
+        out[f"rollout/lag_{k}"] = lags.count(k) / len(lags)
+    return out
+
+
 # Seeds of extra dynamic-sampling rounds are offset by this much per round, far from the
 # per-step seeds of round 0.
 _ROUND_SEED_STRIDE = 1_000_003
@@ -187,6 +204,8 @@ class RLTrainer:
         self.weight_version = 0
         # one_step_off: the next step's generation, started during this step.
         self.in_flight: Optional[Generation] = None
+        # async: the continuously generating rollout group and its buffer.
+        self.async_rollout: Optional[AsyncRollout] = None
 
         alg = cfg.algorithm
         self.use_critic = alg.adv_estimator == "gae"
@@ -291,6 +310,16 @@ class RLTrainer:
             if cfg.reward.num_workers > 0:
                 self.groups["reward"] = group(RewardWorker, "reward", cfg.reward, **reward_kwargs)
         wait_ready(self.groups)
+        if cfg.rollout.mode == "async":
+            self.async_rollout = AsyncRollout(
+                self.groups["rollout"], self.generate_method, self.batches, self._prompt_batch,
+                lambda batch: call_view(self.generate_method, batch), self._rollout_worker_lost,
+                train_batch_size=cfg.data.train_batch_size,
+                prompts_per_call=cfg.rollout.async_prompts_per_call,
+                max_staleness=cfg.rollout.max_weight_staleness,
+                weight_version=self.weight_version,
+            )
+            self._restart_async_rollout(pending=[])
 
     # ----------------------------------------------------------------- one step
     def step(self) -> dict[str, Any]:
@@ -304,7 +333,7 @@ class RLTrainer:
         # Otherwise their scoring is still running (`scoring`) while the next calls start.
         batch, sampled, scoring = self._collect_batch(timer, metrics)
         # How many syncs behind the actor's weights the responses were sampled (0 on-policy).
-        metrics["rollout/weight_lag"] = float(self.weight_version - min(sampled["weight_version"]))
+        metrics.update(weight_lag_metrics(self.weight_version, sampled["weight_version"]))
 
         if batch is not None:
             # Old and reference log-probs and values need no rewards: their workers start now.
@@ -316,6 +345,7 @@ class RLTrainer:
 
             if old is not None:
                 with timer.phase("old_log_prob"):
+                    self._keep_generating(old)
                     batch["old_log_probs"] = old.result()["log_probs"]
                 if "rollout_log_probs" in batch:
                     # How far the rollout engine's numbers drift from the trainer's.
@@ -325,6 +355,7 @@ class RLTrainer:
 
             if ref is not None:
                 with timer.phase("ref"):
+                    self._keep_generating(ref)
                     batch["ref_log_probs"] = ref.result()["log_probs"]
 
             if values is not None:
@@ -366,11 +397,12 @@ class RLTrainer:
                 if cfg.actor.off_policy.correction != "none":
                     metrics.update(off_policy_metrics(cfg.actor.off_policy, batch))
                 with timer.phase("update_actor"):
-                    rank_metrics = self.groups["actor"].call_sharded_metrics(
-                        "update_policy", call_view("update_policy", batch),
+                    update = self._start_call(
+                        "actor", "update_policy", batch,
                         mini_batch_size=self._per_worker_mini_batch(cfg.actor),
                     )
-                    metrics.update(rank_metrics[0])  # identical on every rank
+                    self._keep_generating(update)
+                    metrics.update(update.per_rank()[0])  # identical on every rank
                 with timer.phase("sync_weights"):
                     self._sync_weights()
             metrics.update(self._training_metrics(batch))
@@ -436,6 +468,9 @@ class RLTrainer:
             "kl_ctrl": self.kl_ctrl.state_dict() if self.kl_ctrl is not None else None,
             "restarts": self.restarts,
         }
+        if self.async_rollout is not None:
+            # Drawn but not trained yet (buffered or being generated): not consumed.
+            state["prompts_pending"] = [list(p) for p in self.async_rollout.pending()]
 
         def write_parts(folder: str) -> None:
             # Start every role's save before waiting on any, so the roles write in parallel.
@@ -469,6 +504,8 @@ class RLTrainer:
         ckpt.load_rng(os.path.join(path, "driver_rng.pt"))
         # The rollout engine starts from the base model: give it the restored weights.
         self.weight_version = int(state["weight_version"]) - 1
+        if self.async_rollout is not None:
+            self._restart_async_rollout(pending=state.get("prompts_pending", []))
         self._sync_weights()
         self.metrics.truncate_after(self.global_step)
         self.ledger.truncate_after(self.global_step)
@@ -478,7 +515,8 @@ class RLTrainer:
     def _data_position(self) -> dict[str, int]:
         """The prompt order's position as a checkpoint saves it. Prompts of an in-flight
         generation are not consumed yet: a resumed run draws and generates them again, so each
-        prompt of an epoch is trained on exactly once."""
+        prompt of an epoch is trained on exactly once. (async: the position of the next draw;
+        the prompts drawn but not trained are saved apart, see ``save_checkpoint``.)"""
         return self.in_flight.data_state if self.in_flight is not None else self.batches.state_dict()
 
     def _start_generation(self, timer: PhaseTimer, seed: int, trained_at_version: int) -> Generation:
@@ -490,17 +528,20 @@ class RLTrainer:
         """
         with timer.phase("data"):
             data_state = self.batches.state_dict()
-            indices = self.batches.next_indices()
-            prompts = self._collate([self.train_dataset[i] for i in indices])
-            # One id per prompt: its n responses form a group (GRPO, RLOO, dynamic sampling).
-            prompts["uid"] = [str(uuid.uuid4()) for _ in range(prompts.size)]
-            prompts["dataset_index"] = list(indices)  # for the prompt ledger
-            batch = prompts.repeat_interleave(self.cfg.rollout.n)
+            batch = self._prompt_batch(self.batches.next_indices())
         with timer.phase("gen"):
             call = self._start_call(
                 "rollout", self.generate_method, batch, seed=seed, expected_weight_version=trained_at_version
             )
         return Generation(batch, call, data_state)
+
+    def _prompt_batch(self, indices: list[int]) -> BatchedDataDict:
+        """The dataset rows ``indices`` as prompts, each repeated ``rollout.n`` times."""
+        prompts = self._collate([self.train_dataset[i] for i in indices])
+        # One id per prompt: its n responses form a group (GRPO, RLOO, dynamic sampling).
+        prompts["uid"] = [str(uuid.uuid4()) for _ in range(prompts.size)]
+        prompts["dataset_index"] = list(indices)  # for the prompt ledger
+        return prompts.repeat_interleave(self.cfg.rollout.n)
 
     def _finish_generation(
         self, timer: PhaseTimer, generation: Generation
@@ -572,6 +613,9 @@ class RLTrainer:
         """
         cfg = self.cfg
         fcfg = cfg.algorithm.filter_groups
+        if cfg.rollout.mode == "async":
+            batch = self._take_async_batch(timer, metrics)
+            return batch, batch, None if cfg.agent.enable else self._start_scoring(batch)
         if not fcfg.enable:
             batch, scoring = self._finish_generation(timer, self._next_generation(timer))
             return batch, batch, scoring
@@ -601,6 +645,26 @@ class RLTrainer:
             return None, sampled, None
         merged = BatchedDataDict.from_batches(kept)
         return merged.select_indices(list(range(num_groups * n))), sampled, None
+
+    def _take_async_batch(self, timer: PhaseTimer, metrics: dict[str, Any]) -> BatchedDataDict:
+        """async: the oldest ``data.train_batch_size`` buffered groups within the staleness
+        bound, waiting for the rollout workers as needed (``timing/gen_s``)."""
+        with timer.phase("gen"):
+            groups, dropped = self.async_rollout.take(self.weight_version)
+        metrics["rollout/stale_dropped"] = float(dropped)
+        metrics["rollout/buffered_groups"] = float(len(self.async_rollout.buffer))
+        return BatchedDataDict.from_batches([g.batch for g in groups])
+
+    def _keep_generating(self, call: ShardedCall) -> None:
+        """Wait for ``call``; in async mode, keep feeding the rollout workers meanwhile."""
+        if self.async_rollout is not None:
+            self.async_rollout.wait_for(call.refs)
+
+    def _restart_async_rollout(self, pending: list) -> None:
+        """Queue the ``pending`` prompts, then as many new ones as the remaining steps need."""
+        needed = (self.total_steps - self.global_step) * self.cfg.data.train_batch_size
+        self.async_rollout.weight_version = self.weight_version
+        self.async_rollout.restore(pending, max(0, needed - len(pending)))
 
     def _trainable_group_count(self, available: int) -> int:
         """How many of ``available`` kept groups the trained roles can split evenly."""
@@ -637,8 +701,8 @@ class RLTrainer:
             return True
         if mode == "never":
             return False
-        if self.cfg.rollout.mode == "one_step_off":
-            return True  # sampled one sync ago: the gap to the rollout's log-probs shows the drift
+        if self.cfg.rollout.mode in ("one_step_off", "async"):
+            return True  # sampled one sync ago or more: the gap to the rollout's log-probs shows the drift
         # Exactly on-policy (a single optimiser step per batch): the old log-probs equal the
         # current ones, so the update uses the detached current values and saves a forward pass.
         acfg = self.cfg.actor
@@ -653,6 +717,10 @@ class RLTrainer:
     def _sync_weights(self) -> None:
         refs = [r for r in self.groups["actor"].call_all("publish_weights") if r is not None]
         self.weight_version += 1
+        if self.async_rollout is not None:
+            # Not awaited: each worker applies it between two of its generate calls.
+            self.async_rollout.push_weights(refs[0], self.weight_version)
+            return
         self.groups["rollout"].call_all("update_weights", refs[0], self.weight_version)
 
     # ----------------------------------------------------------------- metrics
@@ -740,13 +808,28 @@ class RLTrainer:
             tqdm.write(f"[rlflow] exported the policy as a Hugging Face model: {path}")
         return self.metrics.history
 
-    def _recover(self, err: WorkerDiedError) -> None:
-        """A worker process died: rebuild every group and continue from the last checkpoint."""
+    def _count_restart(self, err: WorkerDiedError) -> None:
+        """One more restart, or ``err`` again when ``trainer.max_restarts`` are used up."""
         self.restarts += 1
         limit = self.cfg.trainer.max_restarts
         if self.restarts > limit:
             raise err
         logger.warning("worker died (%s); restart %d of %d", err, self.restarts, limit)
+
+    def _rollout_worker_lost(self, err: WorkerDiedError, num_prompts: int) -> None:
+        """async: a rollout worker died; ``AsyncRollout`` replaces just that worker and
+        generates its unfinished prompts again, so training goes on from where it is."""
+        self._count_restart(err)
+        tqdm.write(
+            f"[rlflow] a rollout worker died ({str(err).splitlines()[0]}); replacing it and generating "
+            f"its {num_prompts} unfinished prompt(s) again, restart {self.restarts} of "
+            f"{self.cfg.trainer.max_restarts}"
+        )
+
+    def _recover(self, err: WorkerDiedError) -> None:
+        """A worker process died: rebuild every group and continue from the last checkpoint."""
+        self._count_restart(err)
+        limit = self.cfg.trainer.max_restarts
         tqdm.write(f"[rlflow] a worker died ({str(err).splitlines()[0]}); restart {self.restarts} of {limit}")
         self.close(trackers=False)
         self._build_worker_groups()
@@ -758,6 +841,8 @@ class RLTrainer:
             # No checkpoint yet: start over from the base model and the first batch.
             self.global_step, self.weight_version = 0, 0
             self.batches.load_state_dict({"epoch": 0, "batch_in_epoch": 0})
+            if self.async_rollout is not None:
+                self._restart_async_rollout(pending=[])
             self.metrics.truncate_after(0)
             self.ledger.truncate_after(0)
 
@@ -767,6 +852,7 @@ class RLTrainer:
         # An in-flight generation is dropped: its workers are killed below and its prompts
         # were never counted as consumed (see _data_position).
         self.in_flight = None
+        self.async_rollout = None
         for wg in self.groups.values():
             try:
                 wg.shutdown()

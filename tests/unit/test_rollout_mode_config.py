@@ -1,4 +1,4 @@
-"""rollout.mode: sync by default; one_step_off checked against the settings it cannot run with."""
+"""rollout.mode: sync by default; one_step_off and async checked against the settings they cannot run with."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ def test_sync_is_the_default_and_one_step_off_with_staleness_one_passes():
 
 
 def test_unknown_mode_names_the_key():
-    with pytest.raises(ConfigError, match=r"rollout.mode='async' is not valid: use one of sync, one_step_off"):
-        check("rollout.mode=async")
+    with pytest.raises(ConfigError, match=r"rollout.mode='fast' is not valid: use one of sync, one_step_off, async"):
+        check("rollout.mode=fast")
 
 
 def test_one_step_off_needs_staleness():
@@ -40,3 +40,38 @@ def test_one_step_off_excludes_dynamic_sampling():
 def test_one_step_off_excludes_colocated_placement():
     with pytest.raises(ConfigError, match=r"rollout.placement=split: colocated .* time-share"):
         check(*ONE_STEP_OFF, "rollout.placement=colocated")
+
+
+ASYNC = ("rollout.mode=async", "rollout.max_weight_staleness=2")
+
+
+def test_async_with_a_staleness_bound_passes():
+    check(*ASYNC)
+    check("rollout.mode=async", "rollout.max_weight_staleness=1")
+
+
+def test_async_needs_staleness():
+    with pytest.raises(ConfigError, match=r"rollout.mode=async .*rollout.max_weight_staleness=0 forbids any lag: "
+                                          r"set rollout.max_weight_staleness=2"):
+        check("rollout.mode=async")
+
+
+def test_async_excludes_dynamic_sampling():
+    with pytest.raises(ConfigError, match=r"rollout.mode=async cannot run with algorithm.filter_groups.enable=true"):
+        check(*ASYNC, "algorithm.filter_groups.enable=true")
+
+
+def test_async_excludes_colocated_placement():
+    with pytest.raises(ConfigError, match=r"rollout.mode=async needs rollout.placement=split"):
+        check(*ASYNC, "rollout.placement=colocated")
+
+
+def test_async_needs_a_positive_call_size():
+    with pytest.raises(ConfigError, match=r"rollout.async_prompts_per_call=0 must be >= 1"):
+        check(*ASYNC, "rollout.async_prompts_per_call=0")
+
+
+@pytest.mark.parametrize("mode", ["sync", "one_step_off", "async"])
+def test_negative_staleness_is_an_error_in_every_mode(mode):
+    with pytest.raises(ConfigError, match=r"rollout.max_weight_staleness=-1 must be >= 0"):
+        check(f"rollout.mode={mode}", "rollout.max_weight_staleness=-1")

@@ -1,0 +1,118 @@
+"""rollout.mode=async: continuous generation, a staleness bound, exactly-once prompts."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import rlflow
+from tests.e2e.test_one_step_off import assert_epoch_consumed_once, ledger
+from tests.e2e.test_resume_and_recovery import finish, kill_group, launch, rows
+
+pytestmark = pytest.mark.ray
+
+BOUND = 2
+ASYNC = ("rollout.mode=async", f"rollout.max_weight_staleness={BOUND}")
+# One epoch of 96 prompts in 6 steps; checkpoints at steps 2 and 4.
+EPOCH_OF_SIX = (
+    "data.max_samples=96", "data.train_batch_size=16", "actor.ppo_mini_batch_size=16",
+    "trainer.total_steps=6", "trainer.save_freq=2", *ASYNC,
+)
+
+
+def assert_lag_within_bound(history: list[dict]) -> None:
+    for row in history:
+        assert row["rollout/weight_lag_max"] <= BOUND, row
+        histogram = {k: v for k, v in row.items() if k.startswith("rollout/lag_")}
+        assert abs(sum(histogram.values()) - 1.0) < 1e-9
+        assert all(int(k.rsplit("_", 1)[1]) <= BOUND for k, v in histogram.items() if v > 0)
+
+
+def test_async_never_trains_on_samples_older_than_the_bound(ray_cluster, tmp_path):
+    out = tmp_path / "run"
+    # Two rollout workers, each fed its own calls.
+    two_workers = ("rollout.num_workers=2", "rollout.cpus_per_worker=0.25")
+    cfg = rlflow.compose_config(
+        "grpo", overrides=[f"trainer.output_dir={out}", "trainer.progress_bar=false", *EPOCH_OF_SIX, *two_workers]
+    )
+    trainer = rlflow.build_trainer(cfg)
+    try:
+        history = trainer.fit()
+        # The run drew exactly the prompts its steps needed: nothing left over.
+        assert trainer.async_rollout.pending() == []
+    finally:
+        trainer.close()
+
+    assert [r["step"] for r in history] == [1, 2, 3, 4, 5, 6]
+    assert [r["weight_version"] for r in history] == [1, 2, 3, 4, 5, 6]
+    assert_lag_within_bound(history)
+    # Generation ran ahead of training: later batches were sampled with older weights.
+    assert history[0]["rollout/weight_lag"] == 0.0
+    assert max(r["rollout/weight_lag_max"] for r in history) > 0
+    for row in history:
+        assert row["rollout/logprob_diff_mean"] is not None  # the actor rescored the batch
+        assert row["rollout/stale_dropped"] >= 0
+    assert_epoch_consumed_once(out)
+
+
+def resumed_checkpoint(output: str) -> Path:
+    match = re.search(r"resumed from (\S+global_step_\d+)", output)
+    assert match, output[-2000:]
+    return Path(match.group(1))
+
+
+def test_async_sigkill_and_resume_trains_each_prompt_of_the_epoch_exactly_once(tmp_path):
+    out = tmp_path / "run"
+    proc = launch(out, *EPOCH_OF_SIX)
+    deadline = time.monotonic() + 300
+    try:
+        while len(rows(out)) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended early"
+            time.sleep(0.05)
+    finally:
+        kill_group(proc)
+
+    output = finish(launch(out, *EPOCH_OF_SIX, "trainer.resume_mode=auto"))
+    state = json.loads((resumed_checkpoint(output) / "trainer_state.json").read_text())
+    # Generation runs ahead, so prompts were buffered or in flight at the save: they were
+    # saved as pending (not consumed), and the resumed run generated them again.
+    assert len(state["prompts_pending"]) > 0
+    trained_before = {i for s in ledger(out) if s["step"] <= state["global_step"] for i in s["indices"]}
+    assert not trained_before & {index for _, index in state["prompts_pending"]}
+    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
+    assert_epoch_consumed_once(out)
+    assert_lag_within_bound(rows(out))
+
+
+def test_async_rollout_worker_killed_mid_run_is_replaced_without_losing_prompts(tmp_path):
+    out = tmp_path / "recover"
+    proc = launch(out, *EPOCH_OF_SIX, "trainer.max_restarts=1")
+    pid, lines = None, []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            match = re.search(r"role rollout: .*rank 0 pid (\d+)", line)
+            if match and pid is None:
+                pid = int(match.group(1))
+            if pid is not None and len(rows(out)) >= 3:  # generation for later steps is in flight
+                os.kill(pid, signal.SIGKILL)
+                break
+        rest, _ = proc.communicate(timeout=400)
+    except BaseException:
+        kill_group(proc)
+        raise
+    output = "".join(lines) + rest
+    assert proc.returncode == 0, output[-3000:]
+    # Only the dead worker was replaced: no rollback to a checkpoint, no step repeated.
+    assert "a rollout worker died" in output and "restart 1 of 1" in output, output[-3000:]
+    assert "rlflow/rollout/0" in output and "resumed from" not in output
+    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
+    assert rows(out)[-1]["trainer/restarts"] == 1.0
+    assert_epoch_consumed_once(out)
+    assert_lag_within_bound(rows(out))
