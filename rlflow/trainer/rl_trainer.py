@@ -589,7 +589,9 @@ class RLTrainer:
         fcfg = cfg.algorithm.filter_groups
         if cfg.rollout.mode == "async":
             batch = self._take_async_batch(timer, metrics)
-            return batch, batch, self._start_call("reward", "compute_reward", batch) if not cfg.agent.enable else None
+            if cfg.agent.enable:  # episodes are scored by their environment
+                return batch, batch, None
+            return batch, batch, self._start_call("reward", "compute_reward", batch)
         if not fcfg.enable:
             batch, scoring = self._finish_generation(timer, self._next_generation(timer))
             return batch, batch, scoring
