@@ -63,7 +63,8 @@ def run_mode(args: argparse.Namespace) -> None:
         f"trainer.total_steps={args.max_steps}", "trainer.save_freq=0", "cluster.num_cpus=2",
         "actor.num_workers=1", "rollout.num_workers=1", "actor.torch_threads=1", "rollout.torch_threads=1",
         f"data.max_response_length={args.response_length}",
-        f"rollout.micro_batch_size={args.gen_micro_batch}", *MODE_OVERRIDES[args.mode],
+        f"rollout.micro_batch_size={args.gen_micro_batch}",
+        f"rollout.async_prompts_per_call={args.prompts_per_call}", *MODE_OVERRIDES[args.mode],
     ])
     trainer = rlflow.build_trainer(cfg)
     try:
@@ -114,6 +115,8 @@ def main() -> None:
     parser.add_argument("--response-length", type=int, default=4)
     parser.add_argument("--gen-micro-batch", type=int, default=32,
                         help="rollout.micro_batch_size: sequences per HF generate call")
+    parser.add_argument("--prompts-per-call", type=int, default=4,
+                        help="rollout.async_prompts_per_call: prompts per generate call in async mode")
     parser.add_argument("--target", type=float, default=0.5, help="reward/mean to reach (rolling mean of 3)")
     args = parser.parse_args()
     if args.mode:
@@ -124,6 +127,7 @@ def main() -> None:
     for mode in MODES:
         cmd = [sys.executable, __file__, "--mode", mode, "--max-steps", str(args.max_steps),
                "--response-length", str(args.response_length), "--gen-micro-batch", str(args.gen_micro_batch),
+               "--prompts-per-call", str(args.prompts_per_call),
                "--target", str(args.target)]
         env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
