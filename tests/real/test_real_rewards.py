@@ -15,6 +15,8 @@ from rlflow.rewards.registry import default_compute_score
 # Greedy answers (200 tokens) of SmolLM2-135M-Instruct to the first 5 GSM8K and MATH test
 # prompts of the fetched parts, each with the score a person gave it by reading it: all wrong
 # (the model is small), none boxed; two GSM8K answers again against the answer they state.
+# Then 12 greedy answers (256 tokens) to the shortest MATH test problems with "Put the final
+# answer in \\boxed{}." added: the model never boxed one and none reaches the right answer.
 OUTPUTS = Path(__file__).resolve().parents[1] / "fixtures" / "real_model_outputs.json"
 
 
