@@ -11,6 +11,7 @@ and guess over several turns.
 
 from __future__ import annotations
 
+import json
 from statistics import mean
 
 import pytest
@@ -50,3 +51,18 @@ def test_guess_the_number_learns(ray_cluster, tmp_path):
     turns_first, turns_last = first_and_last(history, "agent/turns")
     assert turns_first < 1.5 and turns_last >= 2.0, "it learns to keep guessing after a reply"
     assert "val/reward/mean" in history[-1]
+
+
+@pytest.mark.ray
+def test_episodes_run_in_the_async_rollout_mode(ray_cluster, tmp_path):
+    """Multi-turn episodes with rollout.mode=async: each rollout call plays its own prompt
+    groups' episodes, there is no barrier across calls, and every prompt is trained once."""
+    roles, history = run_recipe("grpo_calculator", tmp_path, [
+        "trainer.total_steps=6", "rollout.mode=async", "rollout.max_weight_staleness=2",
+    ])
+    assert max(row["rollout/weight_lag_max"] for row in history) <= 2
+    assert any(row["rollout/weight_lag"] > 0 for row in history)
+    assert all(row["agent/tool_calls"] > 0.3 and row["agent/turns"] > 1.3 for row in history)
+    ledger = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    trained = [i for row in ledger for i in row["indices"]]
+    assert len(trained) == 6 * 32 == len(set(trained))
