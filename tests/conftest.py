@@ -24,6 +24,12 @@ os.environ.setdefault("RLFLOW_CACHE", tempfile.mkdtemp(prefix="rlflow-test-cache
 RAY_TEST_NUM_CPUS = 2
 
 
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Tests marked ``before_ray`` assert that nothing starts Ray, which only means something
+    before the session's cluster starts: run them first, whatever their file is called."""
+    items.sort(key=lambda item: item.get_closest_marker("before_ray") is None)  # stable
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[dict]:
     """A local Ray cluster (``RAY_TEST_NUM_CPUS`` CPUs) shared by the whole session.

@@ -22,6 +22,8 @@ import ray
 
 from rlflow.main import main as rlflow_main
 
+pytestmark = pytest.mark.before_ray
+
 
 def write_rows(path, rows):
     pq.write_table(pa.Table.from_pylist(rows), path)
