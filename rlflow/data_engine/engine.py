@@ -121,6 +121,11 @@ class DataEngine:
         self._ensure_ray()
         return WorkerGroup(worker_cls, name, build_pool(name, role_cfg), init_kwargs=init_kwargs)
 
+    def _scorer_cfg(self) -> Any:
+        """``reward.*`` sizing the engine's scoring group: at least one worker, since the engine
+        scores whole shards in workers (``reward.num_workers=0`` means the trainer's driver)."""
+        return OmegaConf.merge(self.cfg.reward, {"num_workers": max(1, self.cfg.reward.num_workers)})
+
     def _plain_config(self, **model_overrides: Any) -> dict:
         plain = OmegaConf.to_container(self.cfg, resolve=True)
         plain.pop("engine", None)
@@ -209,14 +214,14 @@ class DataEngine:
         if ecfg.scorer == "rule":
             from rlflow.workers.reward import RewardWorker
 
-            group = self._group(RewardWorker, "engine_reward", self.cfg.reward, config=self._plain_config())
+            group = self._group(RewardWorker, "engine_reward", self._scorer_cfg(), config=self._plain_config())
             return (lambda samples: self._rule_scores(group, samples)), [group]
         if ecfg.scorer == "reward_model":
             from rlflow.workers.reward_model import RewardModelWorker
 
             if not ecfg.reward_model_path:
                 raise ConfigError("engine.scorer=reward_model needs engine.reward_model_path (an HF sequence-classification model folder)")
-            group = self._group(RewardModelWorker, "engine_reward_model", self.cfg.reward,
+            group = self._group(RewardModelWorker, "engine_reward_model", self._scorer_cfg(),
                                 config=self._plain_config(), model_path=ecfg.reward_model_path)
 
             def rm_scores(samples):
