@@ -274,6 +274,13 @@ def _write_model(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def build_splits(name: str, spec: dict, write: Callable[[Path], None]) -> dict[str, str]:
+    """``{"train": path, "test": path}`` of the demo dataset ``name``: the folder keyed by the
+    fingerprint of ``spec``, written by ``write(folder)`` first if it does not exist."""
+    folder = _build_atomically(_demo_dir() / f"{name}-{_fingerprint(spec)}", write)
+    return {split: str(folder / f"{split}.parquet") for split in ("train", "test")}
+
+
 def ensure_demo_model() -> str:
     """Return the path of the demo model folder, creating it on first use."""
     target = _demo_dir() / f"{MODEL_NAME}-{_fingerprint(_model_spec())}"
@@ -296,9 +303,7 @@ def _write_data(folder: Path) -> None:
 
 def ensure_demo_data() -> dict[str, str]:
     """Return ``{"train": path, "test": path}`` of the demo parquet files, creating them first."""
-    target = _demo_dir() / f"{DATA_NAME}-{_fingerprint(_data_spec())}"
-    folder = _build_atomically(target, _write_data)
-    return {split: str(folder / f"{split}.parquet") for split in ("train", "test")}
+    return build_splits(DATA_NAME, _data_spec(), _write_data)
 
 
 def _write_preference_data(folder: Path) -> None:
@@ -321,9 +326,7 @@ def ensure_demo_preference_data() -> dict[str, str]:
     Prompts are the demo arithmetic prompts (same seed and operands); each pair prefers the
     correct answer over a wrong one.
     """
-    target = _demo_dir() / f"{PREFERENCE_DATA_NAME}-{_fingerprint(_preference_data_spec())}"
-    folder = _build_atomically(target, _write_preference_data)
-    return {split: str(folder / f"{split}.parquet") for split in ("train", "test")}
+    return build_splits(PREFERENCE_DATA_NAME, _preference_data_spec(), _write_preference_data)
 
 
 def _write_guess_data(folder: Path) -> None:
@@ -350,8 +353,7 @@ def ensure_guess_data() -> dict[str, str]:
     """``{"train": path, "test": path}`` of the guess-the-number rows (prompt ``0-7``, the
     secret as ground truth), created first."""
     spec = {"seed": DATA_SEED, "max": GUESS_MAX, "train_size": GUESS_TRAIN_SIZE, "test_size": TEST_SIZE}
-    folder = _build_atomically(_demo_dir() / f"{GUESS_DATA_NAME}-{_fingerprint(spec)}", _write_guess_data)
-    return {split: str(folder / f"{split}.parquet") for split in ("train", "test")}
+    return build_splits(GUESS_DATA_NAME, spec, _write_guess_data)
 
 
 # The tool-use assets live in their own module, which imports this one: import it on use.

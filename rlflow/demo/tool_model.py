@@ -272,6 +272,4 @@ def ensure_calculator_data() -> dict[str, str]:
             max_operand=MAX_OPERAND,
         )
 
-    target = assets._demo_dir() / f"{CALCULATOR_DATA_NAME}-{assets._fingerprint(calculator_data_spec())}"
-    folder = assets._build_atomically(target, write)
-    return {split: str(folder / f"{split}.parquet") for split in ("train", "test")}
+    return assets.build_splits(CALCULATOR_DATA_NAME, calculator_data_spec(), write)

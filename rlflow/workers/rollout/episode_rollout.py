@@ -29,6 +29,18 @@ class EpisodeRollout:
         if self.cfg.agent.enable:
             self.make_env = environment_factory(self.cfg, resolve_reward_fn(self.cfg.reward, score_fn))
 
+    def start_call(
+        self, seed: int, temperature: Optional[float], do_sample: Optional[bool], expected_weight_version: Optional[int]
+    ) -> SamplingSettings:
+        """What every generating call does first: refuse weights that lag too far, resolve the
+        sampling settings, and seed torch per call and rank, so a run (and a resumed run)
+        samples the same tokens."""
+        check_weight_version(
+            self.weight_version, expected_weight_version, self.cfg.rollout.max_weight_staleness, self.rank
+        )
+        torch.manual_seed(int(seed) * 1009 + self.rank)
+        return self.sampling_settings(temperature, do_sample)
+
     def generate_turns(
         self, prompts: list[list[int]], budgets: list[int], settings: SamplingSettings, seed: int
     ) -> list[tuple[list[int], list[float]]]:
@@ -46,11 +58,7 @@ class EpisodeRollout:
         expected_weight_version: Optional[int] = None,
     ) -> BatchedDataDict:
         """One multi-turn episode per row (``agent.*``); same output layout as ``generate``."""
-        check_weight_version(
-            self.weight_version, expected_weight_version, self.cfg.rollout.max_weight_staleness, self.rank
-        )
-        settings = self.sampling_settings(temperature, do_sample)
-        torch.manual_seed(int(seed) * 1009 + self.rank)
+        settings = self.start_call(seed, temperature, do_sample, expected_weight_version)
         turns = itertools.count()
         rows = [{key: batch[key][i] for key in batch.keys()} for i in range(batch.size)]
         result = run_episodes(

@@ -25,7 +25,6 @@ from rlflow.models.lora import add_lora_adapters, is_adapter_key, lora_enabled
 from rlflow.utils.torch_functional import compute_position_ids, get_response_mask
 from rlflow.workers.base import Worker
 from rlflow.workers.rollout.episode_rollout import EpisodeRollout, cut_at_stop
-from rlflow.workers.rollout.policy_lag import check_weight_version
 from rlflow.workers.rollout.sampling import SamplingSettings, hf_generation_kwargs, resolve_sampling
 
 
@@ -71,12 +70,7 @@ class HFRolloutWorker(EpisodeRollout, Worker):
         expected_weight_version: Optional[int] = None,
     ) -> BatchedDataDict:
         """Generate one response per row of left-padded ``input_ids`` / ``attention_mask``."""
-        check_weight_version(
-            self.weight_version, expected_weight_version, self.cfg.rollout.max_weight_staleness, self.rank
-        )
-        settings = self.sampling_settings(temperature, do_sample)
-        # Seeded per call and per rank so a run (and a resumed run) samples the same tokens.
-        torch.manual_seed(int(seed) * 1009 + self.rank)
+        settings = self.start_call(seed, temperature, do_sample, expected_weight_version)
 
         max_len = self.cfg.data.max_response_length
         outputs = []

@@ -37,7 +37,6 @@ from rlflow.models.loading import load_tokenizer, resolve_model_path
 from rlflow.utils.torch_functional import compute_position_ids, get_response_mask
 from rlflow.workers.base import Worker
 from rlflow.workers.rollout.episode_rollout import EpisodeRollout, cut_at_stop
-from rlflow.workers.rollout.policy_lag import check_weight_version
 from rlflow.workers.rollout.vllm_lora import VLLMAdapterSlot, lora_engine_kwargs, receives_adapters
 from rlflow.workers.rollout.sampling import (
     SamplingSettings,
@@ -261,12 +260,9 @@ class VLLMRolloutWorker(EpisodeRollout, Worker):
         Returns prompts, responses, response_mask, input_ids, attention_mask, position_ids,
         rollout_log_probs (all ``[B, ...]`` tensors) and weight_version (a list of ints).
         """
-        check_weight_version(
-            self.weight_version, expected_weight_version, self.cfg.rollout.max_weight_staleness, self.rank
-        )
         from vllm.inputs import TokensPrompt
 
-        settings = self.sampling_settings(temperature, do_sample)
+        settings = self.start_call(seed, temperature, do_sample, expected_weight_version)
         prompts = batch["input_ids"]
         prompt_mask = batch["attention_mask"]
         # The engine takes unpadded token lists: drop the left padding row by row.
