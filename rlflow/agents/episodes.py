@@ -26,7 +26,7 @@ from rlflow.agents.environment import Environment, Message, StepResult
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.errors import DataError
 from rlflow.rewards.guarded import ScoreTimeout, call_with_timeout
-from rlflow.utils.torch_functional import compute_position_ids
+from rlflow.utils.torch_functional import response_batch
 
 logger = logging.getLogger(__name__)
 
@@ -181,18 +181,10 @@ def _to_batch(episodes: list[Episode], tokenizer: Any, dcfg: Any) -> BatchedData
             log_probs[i, :n] = torch.tensor(e.log_probs)
         for position, reward in e.rewards.items():
             scores[i, position] += reward
-    attention_mask = torch.cat([prompt_mask, tail_mask], dim=1)
-    batch = BatchedDataDict({
-        "prompts": prompts,
-        "responses": responses,
-        "response_mask": response_mask,
-        "input_ids": torch.cat([prompts, responses], dim=1),
-        "attention_mask": attention_mask,
-        "position_ids": compute_position_ids(attention_mask),
-        "rollout_log_probs": log_probs * response_mask,
-        "token_level_scores": scores,
-        "scores": scores.sum(-1),
-    })
+    batch = BatchedDataDict(response_batch(prompts, prompt_mask, responses, response_mask, tail_mask))
+    batch["rollout_log_probs"] = log_probs * response_mask
+    batch["token_level_scores"] = scores
+    batch["scores"] = scores.sum(-1)
     for key in INFO_KEYS:
         batch[f"agent/{key}"] = torch.tensor([e.info.get(key, 0.0) for e in episodes])
     return batch

@@ -29,6 +29,7 @@ from rlflow.utils.torch_functional import (
     get_response_mask,
     pad_2d_list_to_tensor,
     postprocess_data,
+    response_batch,
 )
 
 
@@ -251,14 +252,4 @@ class ChatDataPacker(DataPacker):
         eos = getattr(self.tokenizer, "eos_token_id", None)
         response_mask = valid if eos is None else get_response_mask(responses, int(eos)) * valid
         responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, pad))
-        attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
-        return BatchedDataDict(
-            {
-                "prompts": prompts,
-                "responses": responses,
-                "response_mask": response_mask,
-                "input_ids": torch.cat([prompts, responses], dim=1),
-                "attention_mask": attention_mask,
-                "position_ids": compute_position_ids(attention_mask),
-            }
-        )
+        return BatchedDataDict(response_batch(prompts, prompt_mask, responses, response_mask))

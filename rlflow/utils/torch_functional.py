@@ -135,6 +135,30 @@ def compute_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.cumsum(attention_mask.long(), dim=-1) - 1, min=0)
 
 
+def response_batch(
+    prompts: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    responses: torch.Tensor,
+    response_mask: torch.Tensor,
+    tail_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The tensors every rollout returns for left-padded ``prompts`` and right-padded
+    ``responses``: ``prompts``, ``responses``, ``response_mask`` (long), ``input_ids``,
+    ``attention_mask`` and ``position_ids``. The model attends to the prompt and to
+    ``tail_mask`` after it (default: the response mask; a multi-turn trajectory also attends
+    to its observations, which the response mask leaves out)."""
+    tail = response_mask if tail_mask is None else tail_mask
+    attention_mask = torch.cat([prompt_mask, tail.to(prompt_mask.dtype)], dim=1)
+    return {
+        "prompts": prompts,
+        "responses": responses,
+        "response_mask": response_mask.to(torch.long),
+        "input_ids": torch.cat([prompts, responses], dim=1),
+        "attention_mask": attention_mask,
+        "position_ids": compute_position_ids(attention_mask),
+    }
+
+
 def pad_2d_list_to_tensor(
     rows: Sequence[Sequence[int] | torch.Tensor],
     pad_value: int | float,

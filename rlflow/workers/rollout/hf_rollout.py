@@ -22,7 +22,7 @@ from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.models.loading import load_causal_lm, load_tokenizer
 from rlflow.models.packing import build_model_inputs, score_responses
 from rlflow.models.lora import add_lora_adapters, is_adapter_key, lora_enabled
-from rlflow.utils.torch_functional import compute_position_ids, get_response_mask
+from rlflow.utils.torch_functional import get_response_mask, response_batch
 from rlflow.workers.base import Worker
 from rlflow.workers.rollout.episode_rollout import EpisodeRollout, cut_at_stop
 from rlflow.workers.rollout.sampling import SamplingSettings, hf_generation_kwargs, resolve_sampling
@@ -85,16 +85,9 @@ class HFRolloutWorker(EpisodeRollout, Worker):
             response_mask = get_response_mask(responses, settings.stop_token_ids, self.pad_token_id)
             # Anything after the first stop token is not part of the answer; make it padding.
             responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, self.pad_token_id))
-            attention_mask = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=1)
-            outputs.append(BatchedDataDict({
-                "prompts": prompts.cpu(),
-                "responses": responses.cpu(),
-                "response_mask": response_mask.to(torch.long).cpu(),
-                "input_ids": torch.cat([prompts, responses], dim=1).cpu(),
-                "attention_mask": attention_mask.cpu(),
-                "position_ids": compute_position_ids(attention_mask).cpu(),
-                "rollout_log_probs": (log_probs * response_mask).cpu(),
-            }))
+            out = BatchedDataDict(response_batch(prompts.cpu(), prompt_mask.cpu(), responses.cpu(), response_mask.cpu()))
+            out["rollout_log_probs"] = (log_probs * response_mask).cpu()
+            outputs.append(out)
         result = BatchedDataDict.from_batches(outputs)
         result["weight_version"] = [self.weight_version] * result.size
         return result

@@ -34,7 +34,7 @@ from rlflow.config.schema import typed_config
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.errors import ConfigError
 from rlflow.models.loading import load_tokenizer, resolve_model_path
-from rlflow.utils.torch_functional import compute_position_ids, get_response_mask
+from rlflow.utils.torch_functional import get_response_mask, response_batch
 from rlflow.workers.base import Worker
 from rlflow.workers.rollout.episode_rollout import EpisodeRollout, cut_at_stop
 from rlflow.workers.rollout.vllm_lora import VLLMAdapterSlot, lora_engine_kwargs, receives_adapters
@@ -288,17 +288,8 @@ class VLLMRolloutWorker(EpisodeRollout, Worker):
         response_mask = get_response_mask(responses, settings.stop_token_ids, self.pad_token_id)
         # Anything after the first stop token is not part of the answer; make it padding.
         responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, self.pad_token_id))
-        log_probs = log_probs * response_mask.to(log_probs.dtype)
-        attention_mask = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=1)
-        result = BatchedDataDict({
-            "prompts": prompts.clone(),
-            "responses": responses,
-            "response_mask": response_mask.to(torch.long),
-            "input_ids": torch.cat([prompts, responses], dim=1),
-            "attention_mask": attention_mask,
-            "position_ids": compute_position_ids(attention_mask),
-            "rollout_log_probs": log_probs,
-        })
+        result = BatchedDataDict(response_batch(prompts.clone(), prompt_mask, responses, response_mask))
+        result["rollout_log_probs"] = log_probs * response_mask.to(log_probs.dtype)
         result["weight_version"] = [self.weight_version] * result.size
         return result
 
