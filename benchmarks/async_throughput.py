@@ -34,12 +34,23 @@ import subprocess
 import sys
 import tempfile
 
-# async runs twice: with the staleness bound of one_step_off, and with more room to run ahead.
+# The overlapping modes train on responses sampled one or more weight syncs ago, and correct
+# the loss for it with truncated importance sampling (docs/off_policy.md); without it they
+# needed 1.5-2x the samples of sync to reach the target. async runs with the staleness bound
+# of one_step_off and with more room to run ahead; "async-2-rollout" takes the old log-probs
+# from the rollout (the PPO ratio against the sampling weights) instead of an extra forward
+# pass; "async-2-partial" generates in one-token segments (partial rollouts).
+TIS = "actor.off_policy.correction=tis"
 MODE_OVERRIDES = {
     "sync": [],
-    "one_step_off": ["rollout.mode=one_step_off", "rollout.max_weight_staleness=1"],
-    "async-1": ["rollout.mode=async", "rollout.max_weight_staleness=1"],
-    "async-2": ["rollout.mode=async", "rollout.max_weight_staleness=2"],
+    "one_step_off": ["rollout.mode=one_step_off", "rollout.max_weight_staleness=1", TIS],
+    "async-1": ["rollout.mode=async", "rollout.max_weight_staleness=1", TIS],
+    "async-2": ["rollout.mode=async", "rollout.max_weight_staleness=2", TIS],
+    "async-2-rollout": ["rollout.mode=async", "rollout.max_weight_staleness=2", "actor.recompute_old_log_prob=rollout"],
+    "async-2-partial": [
+        "rollout.mode=async", "rollout.max_weight_staleness=2", TIS,
+        "rollout.partial_rollout=true", "rollout.partial_segment_tokens=1",
+    ],
 }
 MODES = tuple(MODE_OVERRIDES)
 
@@ -64,7 +75,7 @@ def run_mode(args: argparse.Namespace) -> None:
         "actor.num_workers=1", "rollout.num_workers=1", "actor.torch_threads=1", "rollout.torch_threads=1",
         f"data.max_response_length={args.response_length}",
         f"rollout.micro_batch_size={args.gen_micro_batch}",
-        f"rollout.async_prompts_per_call={args.prompts_per_call}", *MODE_OVERRIDES[args.mode],
+        f"rollout.async_prompts_per_call={args.prompts_per_call}", *MODE_OVERRIDES[args.mode], *args.override,
     ])
     trainer = rlflow.build_trainer(cfg)
     try:
@@ -118,17 +129,21 @@ def main() -> None:
     parser.add_argument("--prompts-per-call", type=int, default=4,
                         help="rollout.async_prompts_per_call: prompts per generate call in async mode")
     parser.add_argument("--target", type=float, default=0.5, help="reward/mean to reach (rolling mean of 3)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="the modes to compare (sync first: the ratios are to it)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every mode (repeatable)")
     args = parser.parse_args()
     if args.mode:
         run_mode(args)
         return
 
     results = []
-    for mode in MODES:
+    for mode in args.modes:
         cmd = [sys.executable, __file__, "--mode", mode, "--max-steps", str(args.max_steps),
                "--response-length", str(args.response_length), "--gen-micro-batch", str(args.gen_micro_batch),
                "--prompts-per-call", str(args.prompts_per_call),
-               "--target", str(args.target)]
+               "--target", str(args.target), *(f"--override={o}" for o in args.override)]
         env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -138,18 +153,20 @@ def main() -> None:
         print(f"{mode}: done ({results[-1]['steps']} steps)", flush=True)
 
     base = results[0]["samples_per_s"]
+    base_samples = results[0]["samples_to_target"]
     print(f"\nsteady state = steps after the first {args.warmup}; target = rolling mean (3 steps) of "
           f"reward/mean >= {args.target}; data.max_response_length={args.response_length}, "
           f"rollout.micro_batch_size={args.gen_micro_batch}")
     header = ("mode", "steps", "samples/s", "vs sync", "step s", "gen wait s", "update s", "mean lag",
-              "samples to target", "steps to target")
+              "samples to target", "vs sync", "steps to target")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in results:
         to_target = "not reached" if r["samples_to_target"] is None else str(r["samples_to_target"])
+        ratio = "-" if r["samples_to_target"] is None or not base_samples else f"{r['samples_to_target'] / base_samples:.2f}x"
         steps_to = "-" if r["steps_to_target"] is None else str(r["steps_to_target"])
         print(f"| {r['mode']} | {r['steps']} | {r['samples_per_s']:.1f} | {r['samples_per_s'] / base:.2f}x | "
-              f"{r['step_s']:.3f} | {r['gen_s']:.3f} | {r['update_s']:.3f} | {r['lag']:.2f} | {to_target} | {steps_to} |")
+              f"{r['step_s']:.3f} | {r['gen_s']:.3f} | {r['update_s']:.3f} | {r['lag']:.2f} | {to_target} | {ratio} | {steps_to} |")
 
 
 if __name__ == "__main__":

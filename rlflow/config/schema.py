@@ -106,6 +106,12 @@ class RolloutConfig:
     # async mode: prompts (each with its rollout.n responses) per generate call on one worker.
     # Small calls let a weight sync land soon: a worker applies it between two calls.
     async_prompts_per_call: int = 4
+    # async mode: partial rollouts. Responses are generated in segments of at most
+    # partial_segment_tokens tokens, one call each, so a weight sync lands between two
+    # segments and unfinished responses continue with the new weights (every token records
+    # the weight version that sampled it).
+    partial_rollout: bool = False
+    partial_segment_tokens: int = 64
     # Where rollout workers sit: "split" (their own devices) or "colocated" (the actor's
     # devices, time-shared: on GPU the vLLM engine sleeps between rollouts). Same on CPU.
     placement: str = "split"
@@ -205,7 +211,9 @@ class ActorConfig:
     kl_loss_coef: float = 0.001
     kl_loss_type: str = "k3"
     # "auto": skip the extra forward pass when the update is exactly on-policy
-    # (one mini-batch, one epoch), where old log-probs equal the current ones.
+    # (one mini-batch, one epoch), where old log-probs equal the current ones. "rollout": the
+    # rollout's own log-probs are the old ones (the PPO ratio is then taken against the policy
+    # that sampled each token, with no forward pass; for one_step_off / async).
     recompute_old_log_prob: str = "auto"
     # Micro-batching inside a worker (log-probs and updates). Default: fixed-size micro-batches
     # of padded rows. use_dynamic_bsz: micro-batches of similar-length rows with at most

@@ -18,21 +18,24 @@ epoch is trained on exactly once.
 A rollout worker that dies is replaced on its own (the rollout ranks share no collective):
 the prompts of its unfinished calls go back to the front of the queue, the new worker gets
 the latest weights before its first call, and training goes on without a rollback.
+
+With ``rollout.partial_rollout`` a call generates one segment of each of its responses
+(``partial_rollout.py``): unfinished responses are continued by later calls, before new
+prompts are drawn, and a group enters the buffer when all its responses are finished.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import ray
 
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.data.prompt_batches import PromptBatches
 from rlflow.distributed.worker_group import WorkerDiedError, WorkerGroup
-
-Prompt = tuple[int, int]  # (epoch, dataset index)
+from rlflow.trainer.partial_rollout import PartialGroup, PartialResponse, Prompt
 
 # Calls queued on one worker: while it runs one, the next is already there, so the worker
 # never waits for the driver. More would only delay the weight syncs queued behind them.
@@ -42,9 +45,20 @@ CALLS_PER_WORKER = 2
 @dataclass
 class _GenerateCall:
     rank: int
-    prompts: list[Prompt]
-    batch: BatchedDataDict  # the prompts, each repeated rollout.n times
     ref: ray.ObjectRef
+    prompts: list[Prompt]  # whole prompts (none for a call of segments)
+    batch: Optional[BatchedDataDict] = None  # the prompts, each repeated rollout.n times
+    segments: list[tuple[PartialResponse, int]] = field(default_factory=list)  # (response, budget)
+
+
+@dataclass
+class Segments:
+    """``rollout.partial_rollout``: responses extended by at most ``tokens`` per call, up to
+    ``max_tokens`` (``data.max_response_length``)."""
+
+    tokens: int
+    max_tokens: int
+    pad_token_id: int
 
 
 @dataclass
@@ -72,6 +86,7 @@ class AsyncRollout:
         prompts_per_call: int,
         max_staleness: int,
         weight_version: int,
+        segments: Optional[Segments] = None,
     ) -> None:
         self.group = group
         self.method = method  # generate, or run_episodes for multi-turn agents
@@ -96,6 +111,9 @@ class AsyncRollout:
         self.prompts_to_draw = 0  # new prompts still needed for the run's remaining steps
         self.num_calls = 0  # seeds the generate calls
         self.stale_dropped = 0  # since the last take
+        self.segments = segments
+        self.open: list[PartialGroup] = []  # partial rollouts: groups with unfinished responses
+        self.unfinished: deque[PartialResponse] = deque()  # ... waiting for their next segment
 
     # ----------------------------------------------------------------- state
     def restore(self, pending: list[Prompt], prompts_to_draw: int) -> None:
@@ -107,14 +125,17 @@ class AsyncRollout:
         self.syncs = []
         self.weights = None
         self.prompts_to_draw = prompts_to_draw
+        self.open, self.unfinished = [], deque()
 
     def pending(self) -> list[Prompt]:
         """Prompts drawn but not trained: buffered, being generated, or waiting, oldest first."""
         in_flight = [p for calls in self.calls.values() for call in calls for p in call.prompts]
-        return [g.prompt for g in self.buffer] + in_flight + list(self.queue)
+        partial = [g.prompt for g in self.open]
+        return [g.prompt for g in self.buffer] + partial + in_flight + list(self.queue)
 
     def _num_ahead(self) -> int:
-        return len(self.buffer) + sum(len(c.prompts) for calls in self.calls.values() for c in calls)
+        in_flight = sum(len(c.prompts) for calls in self.calls.values() for c in calls)
+        return len(self.buffer) + len(self.open) + in_flight
 
     # ----------------------------------------------------------------- generation
     def push_weights(self, state_ref: list, version: int) -> None:
@@ -136,17 +157,45 @@ class AsyncRollout:
     def top_up(self) -> None:
         """Give every worker with room a new call, while the run needs more groups."""
         for rank, calls in self.calls.items():
-            while len(calls) < CALLS_PER_WORKER and self._num_ahead() < self.max_ahead:
-                prompts = self._next_prompts()
-                if not prompts:
+            while len(calls) < CALLS_PER_WORKER:
+                call = self._segment_call(rank) if self.segments else self._whole_call(rank)
+                if call is None:
                     return
+                calls.append(call)
+
+    def _whole_call(self, rank: int) -> Optional[_GenerateCall]:
+        prompts = self._next_prompts() if self._num_ahead() < self.max_ahead else []
+        if not prompts:
+            return None
+        batch = self.make_batch([index for _, index in prompts])
+        self.num_calls += 1
+        ref = self.group.call_rank_async(
+            rank, self.method, self.view(batch), seed=self.num_calls, expected_weight_version=self.weight_version,
+        )
+        return _GenerateCall(rank, ref, prompts, batch)
+
+    def _segment_call(self, rank: int) -> Optional[_GenerateCall]:
+        """The next segment of unfinished responses, or the first of new prompts' responses."""
+        if not self.unfinished and self._num_ahead() < self.max_ahead:
+            prompts = self._next_prompts()
+            if prompts:
                 batch = self.make_batch([index for _, index in prompts])
-                self.num_calls += 1
-                ref = self.group.call_rank_async(
-                    rank, self.method, self.view(batch), seed=self.num_calls,
-                    expected_weight_version=self.weight_version,
-                )
-                calls.append(_GenerateCall(rank, prompts, batch, ref))
+                n = batch.size // len(prompts)
+                for i, prompt in enumerate(prompts):
+                    group = PartialGroup(prompt, batch.select_indices(list(range(i * n, (i + 1) * n))))
+                    self.open.append(group)
+                    self.unfinished.extend(group.responses)
+        if not self.unfinished:
+            return None
+        size = self.prompts_per_call * len(self.open[0].responses)  # responses per call
+        responses = [self.unfinished.popleft() for _ in range(min(size, len(self.unfinished)))]
+        inputs = [r.next_input(self.segments.tokens, self.segments.max_tokens) for r in responses]
+        self.num_calls += 1
+        ref = self.group.call_rank_async(
+            rank, "generate_segments", [ids for ids, _ in inputs], [budget for _, budget in inputs],
+            seed=self.num_calls, expected_weight_version=self.weight_version,
+        )
+        return _GenerateCall(rank, ref, [], segments=[(r, budget) for r, (_, budget) in zip(responses, inputs)])
 
     def _watched(self) -> list[ray.ObjectRef]:
         return [c.ref for calls in self.calls.values() for c in calls] + [ref for _, ref in self.syncs]
@@ -162,6 +211,9 @@ class AsyncRollout:
                     self._replace_worker(rank, err)
                     break
                 call = calls.pop(0)
+                if call.segments:
+                    self._add_segments(call, result)
+                    continue
                 call.batch.update(result)
                 n = call.batch.size // len(call.prompts)
                 for i, prompt in enumerate(call.prompts):
@@ -177,10 +229,25 @@ class AsyncRollout:
             except WorkerDiedError as err:
                 self._replace_worker(rank, err)
 
+    def _add_segments(self, call: _GenerateCall, result: dict) -> None:
+        """Append each response's new segment; finished groups go to the buffer."""
+        version = int(result["weight_version"])
+        parts = zip(call.segments, result["tokens"], result["log_probs"], result["stopped"])
+        for (response, budget), tokens, log_probs, stopped in parts:
+            response.extend(tokens, log_probs, stopped, version, budget, self.segments.max_tokens)
+            if not response.done:
+                self.unfinished.append(response)
+        for group in [g for g in self.open if g.finished()]:
+            self.open.remove(group)
+            batch = group.batch(self.segments.max_tokens, self.segments.pad_token_id)
+            self.buffer.append(Group(group.prompt, batch, min(int(v) for v in batch["weight_version"])))
+
     def _replace_worker(self, rank: int, err: WorkerDiedError) -> None:
         """A dead worker's unfinished prompts go back to the front of the queue; a new worker
         takes its place with the latest weights (queued before any generate call)."""
         lost = [p for call in self.calls[rank] for p in call.prompts]
+        # Partial rollouts keep the tokens sampled so far: only the lost segments are redone.
+        self.unfinished.extendleft(reversed([r for call in self.calls[rank] for r, _ in call.segments]))
         self.calls[rank].clear()
         self.queue.extendleft(reversed(lost))
         self.syncs = [(r, ref) for r, ref in self.syncs if r != rank]

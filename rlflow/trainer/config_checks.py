@@ -18,7 +18,7 @@ ROLLOUT_MODES = ("sync", "one_step_off", "async")
 TRAINER_ALGORITHMS = ("rl", "dpo")
 FILTER_METRICS = ("score", "seq_reward")
 POLICY_LOSSES = ("ppo_clip", "gspo")
-RECOMPUTE_MODES = ("auto", "always", "never")
+RECOMPUTE_MODES = ("auto", "always", "never", "rollout")
 TRUNCATION_MODES = ("left", "right", "middle", "error")
 LOGGERS = ("console", "tensorboard", "wandb", "mlflow")
 # Estimators whose baseline is the mean of a prompt's group: a group of one gives all-zero
@@ -98,6 +98,7 @@ def check_rl_config(cfg: DictConfig) -> None:
     alg = cfg.algorithm
     _one_of("rollout.backend", cfg.rollout.backend, ROLLOUT_BACKENDS)
     _check_rollout_mode(cfg)
+    _check_partial_rollout(cfg)
     _one_of("algorithm.adv_estimator", cfg.algorithm.adv_estimator, ADVANTAGE_ESTIMATORS)
     _one_of("actor.loss_agg_mode", cfg.actor.loss_agg_mode, AGG_MODES)
     _one_of("actor.policy_loss", cfg.actor.policy_loss, POLICY_LOSSES)
@@ -218,6 +219,28 @@ def _check_rollout_mode(cfg: DictConfig) -> None:
         )
 
 
+def _check_partial_rollout(cfg: DictConfig) -> None:
+    """Partial rollouts continue responses across weight syncs, which only the async mode has
+    between calls, and only for single-turn responses (an episode's turns are not resumable)."""
+    rcfg = cfg.rollout
+    if not rcfg.partial_rollout:
+        return
+    if rcfg.mode != "async":
+        raise ConfigError(
+            f"rollout.partial_rollout=true needs rollout.mode=async (got rollout.mode={rcfg.mode}): "
+            "only async generation takes weight syncs while responses are unfinished"
+        )
+    if cfg.agent.enable:
+        raise ConfigError(
+            "rollout.partial_rollout=true cannot run multi-turn episodes (agent.enable=true): an "
+            "episode's environment state cannot be resumed; set rollout.partial_rollout=false"
+        )
+    if rcfg.partial_segment_tokens < 1:
+        raise ConfigError(
+            f"rollout.partial_segment_tokens={rcfg.partial_segment_tokens} must be >= 1 (e.g. 64)"
+        )
+
+
 def _check_off_policy(cfg: DictConfig) -> None:
     """``actor.off_policy``: a known correction, sensible bounds, and old log-probs to correct."""
     from rlflow.algorithms.off_policy import CORRECTIONS
@@ -231,10 +254,11 @@ def _check_off_policy(cfg: DictConfig) -> None:
         raise ConfigError(f"actor.off_policy.mis_low={opc.mis_low} must be in [0, 1) (e.g. 0.5)")
     if not opc.mis_high > 1.0:
         raise ConfigError(f"actor.off_policy.mis_high={opc.mis_high} must be > 1 (e.g. 2.0)")
-    if opc.correction != "none" and cfg.actor.recompute_old_log_prob == "never":
+    if opc.correction != "none" and cfg.actor.recompute_old_log_prob in ("never", "rollout"):
         raise ConfigError(
             f"actor.off_policy.correction={opc.correction} compares the actor's old log-probs with "
-            "the rollout's: set actor.recompute_old_log_prob=auto (or always)"
+            f"the rollout's, which actor.recompute_old_log_prob={cfg.actor.recompute_old_log_prob} "
+            "does not compute: set actor.recompute_old_log_prob=auto (or always)"
         )
 
 

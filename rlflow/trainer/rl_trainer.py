@@ -59,7 +59,8 @@ from rlflow.models.architecture import check_model_support
 from rlflow.models.lora import lora_enabled
 from rlflow.distributed.worker_group import WorkerDiedError
 from rlflow.trainer import checkpoint as ckpt
-from rlflow.trainer.async_rollout import AsyncRollout
+from rlflow.trainer.async_rollout import AsyncRollout, Segments
+from rlflow.trainer.partial_rollout import token_version_metrics
 from rlflow.trainer.config_checks import check_config
 from rlflow.trainer.preflight import check_first_rows, preflight
 from rlflow.trainer.startup import (
@@ -318,6 +319,9 @@ class RLTrainer:
                 prompts_per_call=cfg.rollout.async_prompts_per_call,
                 max_staleness=cfg.rollout.max_weight_staleness,
                 weight_version=self.weight_version,
+                segments=Segments(
+                    cfg.rollout.partial_segment_tokens, cfg.data.max_response_length, self.tokenizer.pad_token_id
+                ) if cfg.rollout.partial_rollout else None,
             )
             self._restart_async_rollout(pending=[])
 
@@ -334,6 +338,10 @@ class RLTrainer:
         batch, sampled, scoring = self._collect_batch(timer, metrics)
         # How many syncs behind the actor's weights the responses were sampled (0 on-policy).
         metrics.update(weight_lag_metrics(self.weight_version, sampled["weight_version"]))
+        if "rollout_token_version" in sampled:  # partial rollouts: lag per token
+            metrics.update(token_version_metrics(
+                self.weight_version, sampled["rollout_token_version"], sampled["response_mask"]
+            ))
 
         if batch is not None:
             # Old and reference log-probs and values need no rewards: their workers start now.
@@ -352,6 +360,9 @@ class RLTrainer:
                     metrics.update(rollout_logprob_gap(
                         batch["rollout_log_probs"], batch["old_log_probs"], batch["response_mask"]
                     ))
+
+            if self.cfg.actor.recompute_old_log_prob == "rollout":
+                batch["old_log_probs"] = batch["rollout_log_probs"]
 
             if ref is not None:
                 with timer.phase("ref"):
@@ -692,6 +703,8 @@ class RLTrainer:
         return self._start_call(role, "compute_log_prob", batch, micro_batch_size=micro, **flag)
 
     def _needs_old_log_probs(self) -> bool:
+        if self.cfg.actor.recompute_old_log_prob == "rollout":
+            return False  # the sampling policy's own log-probs serve (KL in reward included)
         if self.use_kl_in_reward:
             return True  # the KL penalty in the reward is measured on the sampling policy
         if self.cfg.actor.off_policy.correction != "none":

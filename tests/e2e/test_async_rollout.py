@@ -61,6 +61,41 @@ def test_async_never_trains_on_samples_older_than_the_bound(ray_cluster, tmp_pat
     assert_epoch_consumed_once(out)
 
 
+def test_partial_rollouts_continue_responses_across_weight_syncs(ray_cluster, tmp_path):
+    out = tmp_path / "partial"
+    # One token per call, one prompt per call, longer answers: generation is slower than
+    # training, so groups are still being generated when the weights change.
+    partial = (
+        "rollout.partial_rollout=true", "rollout.partial_segment_tokens=1", "rollout.async_prompts_per_call=1",
+        "data.max_response_length=12",
+    )
+    # The PPO ratio is taken against each token's sampling weights: no old log-prob pass.
+    partial += ("actor.recompute_old_log_prob=rollout",)
+    cfg = rlflow.compose_config(
+        "grpo", overrides=[f"trainer.output_dir={out}", "trainer.progress_bar=false", *EPOCH_OF_SIX, *partial]
+    )
+    trainer = rlflow.build_trainer(cfg)
+    try:
+        history = trainer.fit()
+        assert trainer.async_rollout.pending() == [] and trainer.async_rollout.open == []
+    finally:
+        trainer.close()
+
+    assert [r["step"] for r in history] == [1, 2, 3, 4, 5, 6]
+    assert_lag_within_bound(history)
+    assert_epoch_consumed_once(out)
+    # One token per call: responses in flight at a sync were finished with the new weights.
+    assert max(r["rollout/multi_version_frac"] for r in history) > 0
+    for row in history:
+        # A token is never older than its response's oldest token.
+        assert 0 <= row["rollout/token_lag"] <= row["rollout/weight_lag_max"] <= BOUND
+        assert "timing/old_log_prob_s" not in row and "rollout/logprob_diff_mean" not in row
+    # Old log-probs are the rollout's: the first update's ratio starts at 1 (same weights), later
+    # ones do not (tokens from older weights).
+    assert abs(history[0]["actor/ppo_kl"]) < 1e-4
+    assert max(abs(r["actor/ppo_kl"]) for r in history[1:]) > 1e-4
+
+
 def resumed_checkpoint(output: str) -> Path:
     match = re.search(r"resumed from (\S+global_step_\d+)", output)
     assert match, output[-2000:]

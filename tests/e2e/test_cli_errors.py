@@ -117,6 +117,8 @@ CASES = {
     "rloo with one response": (lambda t: ["algorithm.adv_estimator=rloo", "rollout.n=1"], "rollout.n=1"),
     "negative total steps": (lambda t: ["trainer.total_steps=-3"], "trainer.total_steps"),
     "unknown kl kind": (lambda t: ["actor.use_kl_loss=true", "actor.kl_loss_type=k9"], "actor.kl_loss_type"),
+    "partial rollouts outside async": (lambda t: ["rollout.partial_rollout=true"], "rollout.partial_rollout"),
+    "negative staleness bound": (lambda t: ["rollout.max_weight_staleness=-1"], "rollout.max_weight_staleness"),
     # multi-turn agent settings
     "agent without tools": (lambda t: ["agent.enable=true"], "agent.tools"),
     "unknown tool": (lambda t: ["agent.enable=true", "agent.tools=[abacus]"], "agent.tools"),

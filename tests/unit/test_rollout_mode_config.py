@@ -75,3 +75,33 @@ def test_async_needs_a_positive_call_size():
 def test_negative_staleness_is_an_error_in_every_mode(mode):
     with pytest.raises(ConfigError, match=r"rollout.max_weight_staleness=-1 must be >= 0"):
         check(f"rollout.mode={mode}", "rollout.max_weight_staleness=-1")
+
+
+PARTIAL = (*ASYNC, "rollout.partial_rollout=true")
+
+
+def test_partial_rollouts_pass_in_async_mode():
+    check(*PARTIAL)
+    check(*PARTIAL, "rollout.partial_segment_tokens=1")
+
+
+@pytest.mark.parametrize("mode", ["sync", "one_step_off"])
+def test_partial_rollouts_need_async_mode(mode):
+    with pytest.raises(ConfigError, match=rf"rollout.partial_rollout=true needs rollout.mode=async \(got rollout.mode={mode}\)"):
+        check(f"rollout.mode={mode}", "rollout.max_weight_staleness=1", "rollout.partial_rollout=true")
+
+
+def test_partial_rollouts_exclude_multi_turn_episodes():
+    with pytest.raises(ConfigError, match=r"rollout.partial_rollout=true cannot run multi-turn episodes \(agent.enable=true\)"):
+        check(*PARTIAL, "agent.enable=true", "agent.environment=guess_number")
+
+
+def test_partial_segments_must_hold_a_token():
+    with pytest.raises(ConfigError, match=r"rollout.partial_segment_tokens=0 must be >= 1"):
+        check(*PARTIAL, "rollout.partial_segment_tokens=0")
+
+
+def test_old_log_probs_from_the_rollout_leave_nothing_to_correct():
+    check(*ASYNC, "actor.recompute_old_log_prob=rollout")
+    with pytest.raises(ConfigError, match=r"actor.off_policy.correction=tis compares .* actor.recompute_old_log_prob=rollout does not compute"):
+        check(*ASYNC, "actor.recompute_old_log_prob=rollout", "actor.off_policy.correction=tis")

@@ -285,3 +285,56 @@ def test_weight_sync_gives_the_actors_log_probs(engine, initial_state, tiny_mode
     rmask = resampled["response_mask"].bool()
     assert (resampled["rollout_log_probs"] - naive_log_probs(actor, resampled))[rmask].abs().max() < 1e-3
     assert resampled["weight_version"] == [engine.version] * batch.size
+
+
+def test_segments_continue_responses_with_the_weights_synced_between_them(engine, initial_state, tokenizer):
+    from rlflow.trainer.partial_rollout import PartialGroup
+
+    one, two = (tokenizer.convert_tokens_to_ids(t) for t in ("1", "2"))
+    batch = prompt_batch(tokenizer, ["1+2=", "3+4+1="], n=2)
+    groups = [PartialGroup((0, g), batch.select_indices([2 * g, 2 * g + 1])) for g in range(2)]
+    responses = [r for g in groups for r in g.responses]
+
+    def segment(budget: int, seed: int) -> None:
+        inputs = [r.next_input(budget, MAX_RESPONSE) for r in responses]
+        out = ray.get(engine.actor.generate_segments.remote(
+            [ids for ids, _ in inputs], [b for _, b in inputs], seed=seed, expected_weight_version=engine.version,
+        ))
+        assert out["weight_version"] == engine.version
+        for r, (_, b), tokens, lps, stopped in zip(responses, inputs, out["tokens"], out["log_probs"], out["stopped"]):
+            r.extend(tokens, lps, stopped, out["weight_version"], b, MAX_RESPONSE)
+
+    first = engine.sync(certain_token_state(initial_state, one))
+    segment(1, seed=1)
+    second = engine.sync(certain_token_state(initial_state, two))
+    segment(MAX_RESPONSE, seed=2)
+    for g in groups:
+        assert g.finished()
+        out = g.batch(MAX_RESPONSE, tokenizer.pad_token_id)
+        assert out["responses"].tolist() == [[one] + [two] * (MAX_RESPONSE - 1)] * 2
+        assert out["rollout_token_version"].tolist() == [[first] + [second] * (MAX_RESPONSE - 1)] * 2
+        assert out["weight_version"] == [first, first]
+        assert out["rollout_log_probs"].abs().max() < 1e-6  # each token was certain under its weights
+
+
+def test_segments_are_conditioned_on_the_tokens_sampled_before(engine, initial_state, tokenizer):
+    from rlflow.trainer.partial_rollout import PartialGroup
+
+    engine.sync(initial_state)
+    group = PartialGroup((0, 0), prompt_batch(tokenizer, ["1+2+3=", "4+4="], n=3))
+    seed = 0
+    while not group.finished():
+        todo = [r for r in group.responses if not r.done]
+        inputs = [r.next_input(1, MAX_RESPONSE) for r in todo]
+        seed += 1
+        out = ray.get(engine.actor.generate_segments.remote(
+            [ids for ids, _ in inputs], [b for _, b in inputs], seed=seed, expected_weight_version=engine.version,
+        ))
+        for r, (_, b), tokens, lps, stopped in zip(todo, inputs, out["tokens"], out["log_probs"], out["stopped"]):
+            r.extend(tokens, lps, stopped, out["weight_version"], b, MAX_RESPONSE)
+    out = group.batch(MAX_RESPONSE, tokenizer.pad_token_id)
+    # The engine's log-probs of the stitched responses, scored in one pass, are the ones each
+    # one-token segment reported: every segment saw the prompt and the tokens before it.
+    mask = out["response_mask"].bool()
+    assert mask.sum() > 6
+    assert (engine.engine_log_probs(out) - out["rollout_log_probs"])[mask].abs().max() < 1e-3

@@ -49,6 +49,24 @@ class EpisodeRollout:
         raise NotImplementedError
 
     @torch.no_grad()
+    def generate_segments(
+        self, prompts: list[list[int]], budgets: list[int], seed: int, expected_weight_version: Optional[int] = None
+    ) -> dict[str, Any]:
+        """Partial rollouts: extend each response by at most ``budgets[i]`` tokens with the
+        weights held now. ``prompts[i]`` is its prompt's ids followed by the tokens sampled so
+        far. Returns the new ``tokens`` and ``log_probs`` per row, whether each ``stopped`` at a
+        stop token, and the ``weight_version`` that sampled them."""
+        settings = self.start_call(seed, None, None, expected_weight_version)
+        segments = self.generate_turns(prompts, budgets, settings, int(seed))
+        stops = set(settings.stop_token_ids)
+        return {
+            "tokens": [tokens for tokens, _ in segments],
+            "log_probs": [log_probs for _, log_probs in segments],
+            "stopped": [bool(tokens) and tokens[-1] in stops for tokens, _ in segments],
+            "weight_version": self.weight_version,
+        }
+
+    @torch.no_grad()
     def run_episodes(
         self,
         batch: BatchedDataDict,
