@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of samples/s")
     parser.add_argument("--response-length", type=int, default=4)
-    parser.add_argument("--gen-micro-batch", type=int, default=32,
+    parser.add_argument("--gen-micro-batch", type=int, default=16,
                         help="rollout.micro_batch_size: sequences per HF generate call")
     parser.add_argument("--prompts-per-call", type=int, default=4,
                         help="rollout.async_prompts_per_call: prompts per generate call in async mode")

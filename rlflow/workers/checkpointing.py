@@ -26,22 +26,70 @@ def _is_sharded(model: torch.nn.Module) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded CPU weights (a collective when sharded: every rank must call it).
+# Bytes one gathering collective brings in: bounds the transient memory of a weight sync.
+_GATHER_BUCKET_BYTES = 256 * 2**20
 
-    Each FSDP2 parameter is all-gathered once with ``full_tensor``; tied weights stay one
-    tensor under both names. torch's generic ``get_model_state_dict`` gives the same tensors
-    at about twice the cost, which every weight sync would pay.
-    """
-    gathered: dict[int, torch.Tensor] = {}
-    out = {}
-    for name, value in model.state_dict(keep_vars=True).items():
-        key = id(value)  # tied weights are one Parameter object under two names
-        if key not in gathered:
-            full = value.full_tensor() if hasattr(value, "full_tensor") else value
-            gathered[key] = full.detach().cpu().clone()
-        out[name] = gathered[key]
+
+def _row_sharded(v: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor, Shard
+
+    return isinstance(v, DTensor) and v.device_mesh.ndim == 1 and tuple(v.placements) == (Shard(0),)
+
+
+def _gather_rows(bucket: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """One ``all_gather`` for row-sharded DTensors of one dtype and mesh: rank r holds rows
+    ``[r*c, (r+1)*c)`` of each (``c = ceil(rows / world)``, as FSDP2 shards), sent padded to
+    ``c`` rows in one flat buffer."""
+    group = bucket[0].device_mesh.get_group()
+    world = dist.get_world_size(group)
+    pieces, sizes = [], []
+    for v in bucket:
+        size = -(-v.shape[0] // world) * (v.numel() // max(v.shape[0], 1))
+        local = v.to_local().detach().reshape(-1)
+        pieces.append(torch.nn.functional.pad(local, (0, size - local.numel())))
+        sizes.append(size)
+    buffer = torch.cat(pieces)
+    gathered = [torch.empty_like(buffer) for _ in range(world)]
+    dist.all_gather(gathered, buffer, group=group)
+    gathered = [g.cpu() for g in gathered]
+    out, offset = {}, 0
+    for v, size in zip(bucket, sizes):
+        rows = torch.cat([g[offset : offset + size].view(-1, *v.shape[1:]) for g in gathered])
+        out[id(v)] = rows[: v.shape[0]].clone()
+        offset += size
     return out
+
+
+def gather_full(values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Unsharded CPU copies of ``values`` (a collective when sharded: every rank must call it
+    with the same list). FSDP2's row-sharded parameters are gathered in buckets, one
+    collective per bucket instead of one per parameter (a CPU weight sync's main cost);
+    anything else with ``full_tensor``."""
+    out: dict[int, torch.Tensor] = {}
+    bucket: list[torch.Tensor] = []
+    for v in filter(_row_sharded, values):
+        if bucket:
+            first = bucket[0]
+            size = sum(t.numel() for t in bucket + [v]) * v.element_size() * first.device_mesh.size()
+            if v.dtype != first.dtype or v.device_mesh is not first.device_mesh or size > _GATHER_BUCKET_BYTES:
+                out.update(_gather_rows(bucket))
+                bucket = []
+        bucket.append(v)
+    if bucket:
+        out.update(_gather_rows(bucket))
+    return [
+        out[id(v)] if id(v) in out else (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone()
+        for v in values
+    ]
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU weights (a collective when sharded: every rank must call it); tied weights
+    stay one tensor under both names."""
+    named = model.state_dict(keep_vars=True)
+    unique = list({id(v): v for v in named.values()}.values())  # tied weights: one object
+    full = dict(zip((id(v) for v in unique), gather_full(unique)))
+    return {name: full[id(value)] for name, value in named.items()}
 
 
 def _frozen_part(model: torch.nn.Module) -> bool:
@@ -53,12 +101,8 @@ def checkpoint_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     is frozen (a collective when sharded: every rank must call it)."""
     if not _frozen_part(model):
         return full_model_state(model)
-    out = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            full = param.full_tensor() if hasattr(param, "full_tensor") else param
-            out[name] = full.detach().cpu().clone()
-    return out
+    trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    return dict(zip((name for name, _ in trainable), gather_full([param for _, param in trainable])))
 
 
 def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
