@@ -37,6 +37,9 @@ _RANK_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTE
 # Ray frees an actor's name shortly after the actor dies, not at ray.kill(); a group
 # re-created right after shutdown() waits this long for its names to become free.
 _NAME_RELEASE_WAIT_S = 10.0
+# A rank whose collective lost its peer raises ("Connection closed by peer") before Ray
+# reports the peer's death; this long is given to the other ranks' results to show it.
+_PEER_DEATH_GRACE_S = 5.0
 
 
 class WorkerError(RuntimeError):
@@ -383,19 +386,43 @@ class WorkerGroup:
                 try:
                     results[position[ref]] = ray.get(ref)
                 except RayActorError as err:
-                    when = "failed to start" if method == "__init__" else f"died during {method!r}"
-                    raise WorkerDiedError(
-                        f"worker {self.actor_name(rank)} (role {self.role!r}, rank {rank}) {when}: "
-                        f"{_summarise(err)}",
-                        self.role, rank, method,
-                    ) from err
+                    raise self._died(rank, method, err) from err
                 except RayTaskError as err:
+                    died = self._peer_death([r for r in refs if r != ref], rank_of, method)
+                    if died is not None:
+                        raise died from err
                     raise WorkerCallError(
                         f"worker {self.actor_name(rank)} (role {self.role!r}, rank {rank}) raised in "
                         f"{method!r}: {_summarise(err)}",
                         self.role, rank, method,
                     ) from err
         return results
+
+    def _died(self, rank: int, method: str, err: RayActorError) -> WorkerDiedError:
+        when = "failed to start" if method == "__init__" else f"died during {method!r}"
+        return WorkerDiedError(
+            f"worker {self.actor_name(rank)} (role {self.role!r}, rank {rank}) {when}: {_summarise(err)}",
+            self.role, rank, method,
+        )
+
+    def _peer_death(
+        self, others: list[ray.ObjectRef], rank_of: dict, method: str
+    ) -> WorkerDiedError | None:
+        """The death of another rank of this call, if one shows within the grace period: a
+        rank that raised because a peer of its collective died is a worker death (which the
+        trainer recovers from), not an error of the call."""
+        deadline = time.monotonic() + _PEER_DEATH_GRACE_S
+        while others:
+            done, others = ray.wait(others, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                return None
+            try:
+                ray.get(done[0])
+            except RayActorError as err:
+                return self._died(rank_of[done[0]], method, err)
+            except RayTaskError:
+                continue
+        return None
 
     def call_all_async(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
         """Start ``method(*args, **kwargs)`` on every rank; returns the refs by rank."""

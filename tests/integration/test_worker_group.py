@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 import ray
@@ -76,6 +77,14 @@ class EchoWorker(Worker):
 
     def fail(self) -> None:
         raise KeyError("no such sample")
+
+    def lose_peer(self) -> None:
+        """Rank 1 dies a moment later; rank 0 raises at once, as a collective does when its
+        peer's connection closes."""
+        if self.rank == 1:
+            time.sleep(0.5)
+            os._exit(3)
+        raise RuntimeError("Connection closed by peer")
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +234,14 @@ def test_dead_worker_surfaces_with_role_and_rank(ray_cluster):
             wg.call_all("exit_if_rank", 1)
         with pytest.raises(WorkerDiedError, match="role 'doomed', rank 1"):
             wg.call_all("ping")
+
+
+def test_rank_that_raised_because_its_peer_died_reports_the_death(ray_cluster):
+    pool = ResourcePool("orphan", num_workers=2, cpus_per_worker=0.25)
+    with WorkerGroup(EchoWorker, "orphan", pool) as wg:
+        # Rank 0's error arrives first; the death of rank 1 is what the trainer must see.
+        with pytest.raises(WorkerDiedError, match=r"rlflow/orphan/1 \(role 'orphan', rank 1\) died during 'lose_peer'"):
+            wg.call_all("lose_peer")
 
 
 def test_constructor_failure_names_role_and_cause(ray_cluster):
