@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 import torch
 
+from rlflow.distributed.gather import gather_full
 from rlflow.errors import ConfigError
 
 ADAPTER_NAME = "default"
@@ -150,18 +151,13 @@ def is_adapter_key(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
 
-def _full_cpu(tensor: torch.Tensor) -> torch.Tensor:
-    # A sharded (DTensor) parameter is gathered: a collective, so every rank must call this.
-    full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-    return full.detach().cpu().clone()
-
-
 def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights, unsharded on CPU, by parameter name (a collective under FSDP2).
 
     Only the adapters are gathered, never the base weights: this is all a LoRA sync ships.
     """
-    return {name: _full_cpu(p) for name, p in model.named_parameters() if is_adapter_key(name)}
+    adapters = [(name, p) for name, p in model.named_parameters() if is_adapter_key(name)]
+    return dict(zip((name for name, _ in adapters), gather_full([p for _, p in adapters])))
 
 
 def lora_sync_state(model: torch.nn.Module, lora_cfg: Any, sync: str | None = None) -> dict[str, torch.Tensor]:
@@ -169,7 +165,8 @@ def lora_sync_state(model: torch.nn.Module, lora_cfg: Any, sync: str | None = No
     ``actor.lora.sync`` = ``adapters``), or the full weights with the adapters merged in
     (``merged``, for engines that cannot apply adapters themselves)."""
     if (sync or lora_cfg.sync) == "merged":
-        weights = {name: _full_cpu(p) for name, p in model.named_parameters()}
+        named = list(model.named_parameters())
+        weights = dict(zip((name for name, _ in named), gather_full([p for _, p in named])))
         return merge_adapters(weights, lora_scaling(lora_cfg))
     return adapter_state(model)
 

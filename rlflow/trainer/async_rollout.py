@@ -180,9 +180,8 @@ class AsyncRollout:
             prompts = self._next_prompts()
             if prompts:
                 batch = self.make_batch([index for _, index in prompts])
-                n = batch.size // len(prompts)
-                for i, prompt in enumerate(prompts):
-                    group = PartialGroup(prompt, batch.select_indices(list(range(i * n, (i + 1) * n))))
+                for prompt, rows in _per_prompt(prompts, batch):
+                    group = PartialGroup(prompt, rows)
                     self.open.append(group)
                     self.unfinished.extend(group.responses)
         if not self.unfinished:
@@ -215,9 +214,7 @@ class AsyncRollout:
                     self._add_segments(call, result)
                     continue
                 call.batch.update(result)
-                n = call.batch.size // len(call.prompts)
-                for i, prompt in enumerate(call.prompts):
-                    rows = call.batch.select_indices(list(range(i * n, (i + 1) * n)))
+                for prompt, rows in _per_prompt(call.prompts, call.batch):
                     self.buffer.append(Group(prompt, rows, min(int(v) for v in rows["weight_version"])))
         for sync in list(self.syncs):
             rank, ref = sync
@@ -298,6 +295,12 @@ class AsyncRollout:
         # Back to the front of the queue: these prompts are the oldest not yet trained.
         self.queue.extendleft(reversed([g.prompt for g in stale]))
         self.stale_dropped += len(stale)
+
+
+def _per_prompt(prompts: list[Prompt], batch: BatchedDataDict) -> list[tuple[Prompt, BatchedDataDict]]:
+    """``batch`` (each prompt's rows adjacent) split into one group of rows per prompt."""
+    n = batch.size // len(prompts)
+    return [(p, batch.select_indices(list(range(i * n, (i + 1) * n)))) for i, p in enumerate(prompts)]
 
 
 def _is_ready(ref: ray.ObjectRef) -> bool:

@@ -29,6 +29,7 @@ def _rank(rank: int, port: int, bucket_bytes: int, out_path: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from rlflow.distributed import gather
     from rlflow.workers import checkpointing
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -38,7 +39,7 @@ def _rank(rank: int, port: int, bucket_bytes: int, out_path: str) -> None:
     fully_shard(model.block, mesh=mesh)
     fully_shard(model.low, mesh=mesh)  # its own group: FSDP2 wants one dtype per group
     fully_shard(model, mesh=mesh)
-    checkpointing._GATHER_BUCKET_BYTES = bucket_bytes
+    gather._GATHER_BUCKET_BYTES = bucket_bytes
     state = checkpointing.full_model_state(model)
     if rank == 0:
         torch.save(state, out_path)
