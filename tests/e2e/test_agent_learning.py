@@ -24,7 +24,7 @@ def first_and_last(history: list[dict], key: str) -> tuple[float, float]:
 
 
 @pytest.mark.ray
-@pytest.mark.learning
+@pytest.mark.long
 def test_calculator_tool_use_learns(ray_cluster, tmp_path):
     roles, history = run_recipe("grpo_calculator", tmp_path, ["trainer.total_steps=40"])
     assert roles == {"actor": 2, "rollout": 1}, "environments score in the rollout workers"
@@ -39,7 +39,7 @@ def test_calculator_tool_use_learns(ray_cluster, tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.learning
+@pytest.mark.long
 def test_guess_the_number_learns(ray_cluster, tmp_path):
     roles, history = run_recipe(
         "grpo_guess_number", tmp_path, ["trainer.test_freq=150", "trainer.val_before_train=false"]

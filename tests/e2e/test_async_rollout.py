@@ -102,6 +102,7 @@ def resumed_checkpoint(output: str) -> Path:
     return Path(match.group(1))
 
 
+@pytest.mark.long
 def test_async_sigkill_and_resume_trains_each_prompt_of_the_epoch_exactly_once(tmp_path):
     out = tmp_path / "run"
     proc = launch(out, *EPOCH_OF_SIX)
@@ -125,6 +126,7 @@ def test_async_sigkill_and_resume_trains_each_prompt_of_the_epoch_exactly_once(t
     assert_lag_within_bound(rows(out))
 
 
+@pytest.mark.long
 def test_async_rollout_worker_killed_mid_run_is_replaced_without_losing_prompts(tmp_path):
     out = tmp_path / "recover"
     proc = launch(out, *EPOCH_OF_SIX, "trainer.max_restarts=1")

@@ -85,6 +85,7 @@ def run_engine_cli(work, scorer, tmp_path, **popen):
                             text=True, start_new_session=True, **popen)
 
 
+@pytest.mark.long
 def test_killed_during_scoring_resumes_without_recomputing(tmp_path):
     scorer = tmp_path / "slow_scorer.py"
     # 48 samples per shard x 0.05 s: each scoring shard takes a few seconds.

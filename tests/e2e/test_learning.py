@@ -77,7 +77,7 @@ def assert_reward_rises(history: list[dict]) -> None:
 
 
 @pytest.mark.ray
-@pytest.mark.learning
+@pytest.mark.long
 def test_ppo_with_critic_learns(ray_cluster, tmp_path):
     roles, history = run_recipe("ppo", tmp_path, ["trainer.total_steps=100"])
     assert roles == {"actor": 2, "critic": 1, "rollout": 1}
@@ -95,7 +95,7 @@ def test_ppo_with_critic_learns(ray_cluster, tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.learning
+@pytest.mark.long
 def test_grpo_lora_learns(ray_cluster, tmp_path):
     roles, history = run_recipe("grpo_lora", tmp_path, [])
     assert roles == {"actor": 2, "rollout": 1}, "LoRA: the base in the actor is the reference"
@@ -104,7 +104,7 @@ def test_grpo_lora_learns(ray_cluster, tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.learning
+@pytest.mark.long
 def test_rloo_learns(ray_cluster, tmp_path):
     roles, history = run_recipe("rloo", tmp_path, ["trainer.total_steps=120"])
     assert roles == {"actor": 2, "rollout": 1}, "no KL term, so no reference policy"
@@ -112,7 +112,7 @@ def test_rloo_learns(ray_cluster, tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.learning
+@pytest.mark.long
 def test_dapo_learns_with_dynamic_sampling(ray_cluster, tmp_path):
     roles, history = run_recipe("dapo", tmp_path, ["trainer.total_steps=100"])
     assert roles == {"actor": 2, "rollout": 1}
@@ -129,7 +129,7 @@ def test_dapo_learns_with_dynamic_sampling(ray_cluster, tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.learning
+@pytest.mark.long
 def test_dpo_learns_preferences(ray_cluster, tmp_path):
     roles, history = run_recipe("dpo", tmp_path, [])
     assert roles == {"actor": 2}

@@ -80,6 +80,7 @@ def kernel_sandbox(monkeypatch):
         assert not leftovers, f"Ray processes of the notebook's cluster outlived the kernel: {leftovers}"
 
 
+@pytest.mark.long
 def test_quickstart_notebook_runs_in_fresh_kernel(kernel_sandbox, tmp_path):
     root = kernel_sandbox
     workdir = tmp_path / "nb"

@@ -66,6 +66,7 @@ def test_one_step_off_trains_on_batches_exactly_one_sync_old(ray_cluster, tmp_pa
     assert all(len(s["indices"]) == 32 for s in steps)
 
 
+@pytest.mark.long
 def test_sigkill_and_resume_trains_each_prompt_of_the_epoch_exactly_once(tmp_path):
     common = EPOCH_OF_SIX
     out = tmp_path / "run"
@@ -91,6 +92,7 @@ def test_sigkill_and_resume_trains_each_prompt_of_the_epoch_exactly_once(tmp_pat
     assert [r["rollout/weight_lag"] for r in rows(out)] == [0.0, 1.0, 0.0, 1.0, 1.0, 1.0]
 
 
+@pytest.mark.long
 def test_dead_actor_worker_mid_run_is_recovered_without_losing_the_batch_in_flight(tmp_path):
     out = tmp_path / "recover"
     proc = launch(out, *EPOCH_OF_SIX, "trainer.max_restarts=1")

@@ -44,6 +44,7 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait(30)
 
 
+@pytest.mark.long
 def test_sigkill_during_step_7_then_resume_matches_uninterrupted_run(tmp_path):
     common = ("trainer.total_steps=12", "trainer.save_freq=4")
     run_a = tmp_path / "a"
@@ -73,6 +74,7 @@ def test_sigkill_during_step_7_then_resume_matches_uninterrupted_run(tmp_path):
             assert resumed[step][key] == expected[step][key], (step, key)
 
 
+@pytest.mark.long
 def test_killed_actor_worker_is_recovered_and_counted(tmp_path):
     out = tmp_path / "recover"
     proc = launch(out, "trainer.total_steps=8", "trainer.save_freq=2", "trainer.max_restarts=2")

@@ -14,7 +14,7 @@ import pytest
 
 import rlflow
 
-pytestmark = [pytest.mark.ray, pytest.mark.learning]
+pytestmark = [pytest.mark.ray, pytest.mark.long]
 
 STEPS = 30
 
