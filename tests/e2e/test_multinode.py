@@ -16,7 +16,9 @@ import pytest
 
 from loopback_ray import LoopbackCluster
 
-pytestmark = pytest.mark.ray
+# Each test here starts Ray clusters of its own (a head for job submission, or two nodes),
+# which is what makes them long.
+pytestmark = [pytest.mark.ray, pytest.mark.long]
 
 ROLE_LINE = re.compile(r"\[rlflow\] role (\w+): (\d+) worker\(s\): (.*)")
 NODE_ID = re.compile(r"node ([0-9a-f]+)")
