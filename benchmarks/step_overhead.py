@@ -3,7 +3,11 @@
 Three contenders, each in a fresh process, run one after another in this one invocation:
 
 * ``rlflow``: ``python -m rlflow.main +recipe=grpo`` as a user runs it (Ray, 2 actor
-  workers, ref, rollout and reward workers), through the Python API.
+  workers holding the reference too, 1 rollout worker, rewards on the driver), through the
+  Python API.
+* ``rlflow-1w``: the same recipe with one actor worker instead of two FSDP ranks, and 2 torch
+  threads in the actor and the rollout worker (``ONE_WORKER``): in the synchronous loop only
+  one of them computes at a time, so each can use both cores.
 * ``plain``: the same algorithm in one process with one torch thread and no Ray: the demo
   model samples ``rollout.n`` answers per prompt with HF ``generate``, the arithmetic rule
   scores them, a frozen copy gives reference log-probs, and one clipped policy-gradient step
@@ -39,13 +43,16 @@ def _result(first_step_s: float, step_times: list[float]) -> None:
     print("RESULT " + json.dumps({"first_step_s": first_step_s, "step_s": statistics.median(step_times)}), flush=True)
 
 
-def run_rlflow(args: argparse.Namespace, start: float) -> None:
+ONE_WORKER = ["actor.num_workers=1", "actor.torch_threads=2", "rollout.torch_threads=2"]
+
+
+def run_rlflow(args: argparse.Namespace, start: float, overrides: tuple[str, ...] = ()) -> None:
     import rlflow
 
     out = tempfile.mkdtemp(prefix="rlflow-bench-")
     cfg = rlflow.compose_config("grpo", overrides=[
         f"trainer.total_steps={args.warmup + args.steps + 1}", "trainer.progress_bar=false",
-        f"trainer.output_dir={out}", "trainer.resume_mode=disable",
+        f"trainer.output_dir={out}", "trainer.resume_mode=disable", *overrides,
     ])
     trainer = rlflow.build_trainer(cfg)
     try:
@@ -194,7 +201,12 @@ def run_trl(args: argparse.Namespace, start: float) -> None:
     _result(stamps[0] - start, times)
 
 
-CONTENDERS = {"rlflow": run_rlflow, "plain": run_plain, "trl": run_trl}
+CONTENDERS = {
+    "rlflow": run_rlflow,
+    "rlflow-1w": lambda args, start: run_rlflow(args, start, tuple(ONE_WORKER)),
+    "plain": run_plain,
+    "trl": run_trl,
+}
 
 
 def measure(name: str, args: argparse.Namespace) -> dict | None:
@@ -222,10 +234,10 @@ def main(argv: list[str]) -> int:
     try:
         import trl  # noqa: F401
 
-        names = ["rlflow", "plain", "trl"]
+        names = ["rlflow", "rlflow-1w", "plain", "trl"]
     except ImportError:
         print("trl is not installed: comparing rlflow with the plain loop only")
-        names = ["rlflow", "plain"]
+        names = ["rlflow", "rlflow-1w", "plain"]
     results: dict[str, list[dict]] = {n: [] for n in names}
     for run in range(args.runs):
         for name in names:
@@ -234,12 +246,12 @@ def main(argv: list[str]) -> int:
                 results[name].append(res)
                 print(f"run {run + 1} {name}: {res['step_s']:.3f} s/step, first step after {res['first_step_s']:.1f} s")
     print(f"\n{PROMPTS} prompts x {SAMPLES} samples, {NEW_TOKENS} new tokens, demo model; median of {args.runs} runs")
-    print(f"{'':8} {'s/step':>8} {'x plain':>8} {'first step s':>13}")
+    print(f"{'':9} {'s/step':>8} {'x plain':>8} {'first step s':>13}")
     summary = {n: (statistics.median(r["step_s"] for r in rs), statistics.median(r["first_step_s"] for r in rs))
                for n, rs in results.items() if rs}
     base = summary.get("plain", (float("nan"),))[0]
     for name, (step_s, first_s) in summary.items():
-        print(f"{name:8} {step_s:8.3f} {step_s / base:8.2f} {first_s:13.1f}")
+        print(f"{name:9} {step_s:8.3f} {step_s / base:8.2f} {first_s:13.1f}")
     return 0
 
 
