@@ -3,6 +3,8 @@ adapters: one collective per bucket of parameters instead of one per parameter."
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.distributed as dist
 
@@ -46,10 +48,12 @@ def gather_full(values: list[torch.Tensor]) -> list[torch.Tensor]:
     """Unsharded CPU copies of ``values`` (a collective when sharded: every rank must call it
     with the same list). FSDP2's row-sharded parameters are gathered in buckets, one
     collective per bucket instead of one per parameter (a CPU weight sync's main cost);
-    anything else with ``full_tensor``."""
+    anything else with ``full_tensor``. A tensor listed twice (tied weights) is gathered once
+    and both places get the same copy."""
+    unique = list({id(v): v for v in values}.values())
     out: dict[int, torch.Tensor] = {}
     bucket: list[torch.Tensor] = []
-    for v in filter(_row_sharded, values):
+    for v in filter(_row_sharded, unique):
         if bucket:
             first = bucket[0]
             size = sum(t.numel() for t in bucket + [v]) * v.element_size() * first.device_mesh.size()
@@ -59,7 +63,13 @@ def gather_full(values: list[torch.Tensor]) -> list[torch.Tensor]:
         bucket.append(v)
     if bucket:
         out.update(_gather_rows(bucket))
-    return [
-        out[id(v)] if id(v) in out else (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone()
-        for v in values
-    ]
+    for v in unique:
+        if id(v) not in out:
+            out[id(v)] = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone()
+    return [out[id(v)] for v in values]
+
+
+def gather_named(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``gather_full`` by name: ``{name: unsharded CPU copy}`` (a collective when sharded)."""
+    pairs = list(named)
+    return dict(zip([name for name, _ in pairs], gather_full([value for _, value in pairs])))

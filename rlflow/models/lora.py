@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import torch
 
-from rlflow.distributed.gather import gather_full
+from rlflow.distributed.gather import gather_named
 from rlflow.errors import ConfigError
 
 ADAPTER_NAME = "default"
@@ -156,8 +156,7 @@ def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     Only the adapters are gathered, never the base weights: this is all a LoRA sync ships.
     """
-    adapters = [(name, p) for name, p in model.named_parameters() if is_adapter_key(name)]
-    return dict(zip((name for name, _ in adapters), gather_full([p for _, p in adapters])))
+    return gather_named((name, p) for name, p in model.named_parameters() if is_adapter_key(name))
 
 
 def lora_sync_state(model: torch.nn.Module, lora_cfg: Any, sync: str | None = None) -> dict[str, torch.Tensor]:
@@ -165,9 +164,7 @@ def lora_sync_state(model: torch.nn.Module, lora_cfg: Any, sync: str | None = No
     ``actor.lora.sync`` = ``adapters``), or the full weights with the adapters merged in
     (``merged``, for engines that cannot apply adapters themselves)."""
     if (sync or lora_cfg.sync) == "merged":
-        named = list(model.named_parameters())
-        weights = dict(zip((name for name, _ in named), gather_full([p for _, p in named])))
-        return merge_adapters(weights, lora_scaling(lora_cfg))
+        return merge_adapters(gather_named(model.named_parameters()), lora_scaling(lora_cfg))
     return adapter_state(model)
 
 

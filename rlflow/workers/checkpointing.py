@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from rlflow.distributed.gather import gather_full
+from rlflow.distributed.gather import gather_named
 from rlflow.trainer.checkpoint import load_rng, save_rng
 
 
@@ -30,10 +30,7 @@ def _is_sharded(model: torch.nn.Module) -> bool:
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded CPU weights (a collective when sharded: every rank must call it); tied weights
     stay one tensor under both names."""
-    named = model.state_dict(keep_vars=True)
-    unique = list({id(v): v for v in named.values()}.values())  # tied weights: one object
-    full = dict(zip((id(v) for v in unique), gather_full(unique)))
-    return {name: full[id(value)] for name, value in named.items()}
+    return gather_named(model.state_dict(keep_vars=True).items())
 
 
 def _frozen_part(model: torch.nn.Module) -> bool:
@@ -45,8 +42,7 @@ def checkpoint_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     is frozen (a collective when sharded: every rank must call it)."""
     if not _frozen_part(model):
         return full_model_state(model)
-    trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
-    return dict(zip((name for name, _ in trainable), gather_full([param for _, param in trainable])))
+    return gather_named((name, param) for name, param in model.named_parameters() if param.requires_grad)
 
 
 def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
