@@ -114,6 +114,8 @@ class RolloutConfig:
     partial_segment_tokens: int = 64
     # Where rollout workers sit: "split" (their own devices) or "colocated" (the actor's
     # devices, time-shared: on GPU the vLLM engine sleeps between rollouts). Same on CPU.
+    # "in_actor": no rollout workers; the actor's one worker samples with the model it trains
+    # (HF backend, actor.num_workers=1, sync mode), so a weight sync moves nothing.
     placement: str = "split"
     # vLLM backend only (rollout.backend=vllm), see docs/vllm.md.
     tensor_parallel_size: int = 1

@@ -15,6 +15,7 @@ from rlflow.errors import ConfigError
 
 ROLLOUT_BACKENDS = ("hf", "vllm")
 ROLLOUT_MODES = ("sync", "one_step_off", "async")
+PLACEMENTS = ("split", "colocated", "in_actor")
 TRAINER_ALGORITHMS = ("rl", "dpo")
 FILTER_METRICS = ("score", "seq_reward")
 POLICY_LOSSES = ("ppo_clip", "gspo")
@@ -98,6 +99,7 @@ def check_rl_config(cfg: DictConfig) -> None:
     alg = cfg.algorithm
     _one_of("rollout.backend", cfg.rollout.backend, ROLLOUT_BACKENDS)
     _check_rollout_mode(cfg)
+    _check_in_actor_rollout(cfg)
     _check_partial_rollout(cfg)
     _one_of("algorithm.adv_estimator", cfg.algorithm.adv_estimator, ADVANTAGE_ESTIMATORS)
     _one_of("actor.loss_agg_mode", cfg.actor.loss_agg_mode, AGG_MODES)
@@ -216,6 +218,30 @@ def _check_rollout_mode(cfg: DictConfig) -> None:
     if mode == "async" and rcfg.async_prompts_per_call < 1:
         raise ConfigError(
             f"rollout.async_prompts_per_call={rcfg.async_prompts_per_call} must be >= 1 (e.g. 4)"
+        )
+
+
+def _check_in_actor_rollout(cfg: DictConfig) -> None:
+    """``rollout.placement=in_actor`` samples with the actor's own model in its one process:
+    HF ``generate`` on an unsharded model, between two updates, one response per turn."""
+    rcfg = cfg.rollout
+    _one_of("rollout.placement", rcfg.placement, PLACEMENTS)
+    if rcfg.placement != "in_actor":
+        return
+    from rlflow.models.lora import lora_enabled
+
+    needs = {
+        "rollout.backend=hf": rcfg.backend == "hf",
+        "actor.num_workers=1": cfg.actor.num_workers == 1,
+        "rollout.mode=sync": rcfg.mode == "sync",
+        "agent.enable=false": not cfg.agent.enable,
+        "actor.lora.rank=0": not lora_enabled(cfg.actor.lora),
+    }
+    unmet = [key for key, ok in needs.items() if not ok]
+    if unmet:
+        raise ConfigError(
+            f"rollout.placement=in_actor needs {', '.join(unmet)}: the actor's single, unsharded "
+            "model samples between updates (or use rollout.placement=split)"
         )
 
 

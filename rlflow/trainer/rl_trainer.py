@@ -212,6 +212,8 @@ class RLTrainer:
         self.use_critic = alg.adv_estimator == "gae"
         self.use_kl_in_reward = alg.use_kl_in_reward
         self.generate_method = "run_episodes" if cfg.agent.enable else "generate"
+        # The actor's workers generate with their own model: no rollout group, nothing to sync.
+        self.rollout_in_actor = cfg.rollout.placement == "in_actor"
         self.driver_scorer = None
         if cfg.reward.num_workers == 0 and not cfg.agent.enable:
             self.driver_scorer = BatchScorer(typed_config(cfg).reward, self.tokenizer, reward_fn)
@@ -307,7 +309,8 @@ class RLTrainer:
         if cfg.agent.enable:  # environments score their episodes inside the rollout workers
             self.groups["rollout"] = group(rollout_worker_class(cfg.rollout.backend), "rollout", cfg.rollout, **reward_kwargs)
         else:
-            self.groups["rollout"] = group(rollout_worker_class(cfg.rollout.backend), "rollout", cfg.rollout)
+            if not self.rollout_in_actor:
+                self.groups["rollout"] = group(rollout_worker_class(cfg.rollout.backend), "rollout", cfg.rollout)
             if cfg.reward.num_workers > 0:
                 self.groups["reward"] = group(RewardWorker, "reward", cfg.reward, **reward_kwargs)
         wait_ready(self.groups)
@@ -722,12 +725,18 @@ class RLTrainer:
         return not (acfg.ppo_epochs == 1 and acfg.ppo_mini_batch_size == self.cfg.data.train_batch_size)
 
     def _start_call(self, role: str, method: str, batch: BatchedDataDict, **kwargs: Any) -> ShardedCall:
+        if role == "rollout" and self.rollout_in_actor:
+            role = "actor"
         return self.groups[role].call_sharded_async(method, call_view(method, batch), **kwargs)
 
     def _call_sharded(self, role: str, method: str, batch: BatchedDataDict, **kwargs: Any) -> BatchedDataDict:
         return self._start_call(role, method, batch, **kwargs).result()
 
     def _sync_weights(self) -> None:
+        if self.rollout_in_actor:
+            self.weight_version += 1
+            self.groups["actor"].call_all("use_own_weights", self.weight_version)
+            return
         refs = [r for r in self.groups["actor"].call_all("publish_weights") if r is not None]
         self.weight_version += 1
         if self.async_rollout is not None:

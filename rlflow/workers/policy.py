@@ -57,8 +57,6 @@ class PolicyWorker(Worker):
         self.cfg = typed_config(config)
         self.role = role
         self.trainable = role == "actor"
-        role_cfg = self.cfg.actor if self.trainable else self.cfg.ref
-        torch.set_num_threads(max(1, role_cfg.torch_threads))
         self.init_distributed()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         # Same seed on every rank so unsharded initial state (if any) agrees before sharding.
@@ -91,6 +89,15 @@ class PolicyWorker(Worker):
             self.optimizer = build_optimizer(self.model.parameters(), self.cfg.actor.optim)
             self.lr_scheduler = build_lr_scheduler(self.optimizer, self.cfg.actor.optim, total_steps)
         self.global_step = 0
+        # rollout.placement=in_actor: this worker also samples, with the very model it trains,
+        # so no rollout process starts and a weight sync moves no tensors.
+        self.rollout = None
+        if self.trainable and self.cfg.rollout.placement == "in_actor":
+            from rlflow.workers.rollout.hf_rollout import HFRolloutWorker
+
+            self.rollout = HFRolloutWorker(config, model=self.model)
+        # Last: building the in-actor rollout resets the process to its CPU share's threads.
+        torch.set_num_threads(max(1, self._role_cfg().torch_threads))
 
     def _prepare_attention(self, model: torch.nn.Module) -> None:
         # Packed rows: per-sequence attention where the model runs sdpa (unpacked inputs keep
@@ -424,6 +431,21 @@ class PolicyWorker(Worker):
         out["grad_norm"] = grad_norm
         out["skipped_updates"] = float(skipped)
         return out
+
+    # ----------------------------------------------------------------- in-actor rollout
+    def generate(self, batch: BatchedDataDict, **kwargs: Any) -> BatchedDataDict:
+        """``rollout.placement=in_actor``: ``HFRolloutWorker.generate`` on this worker's model."""
+        self.model.eval()
+        try:
+            return self.rollout.generate(batch, **kwargs)
+        finally:
+            self.model.train()
+
+    def use_own_weights(self, version: int) -> int:
+        """The in-actor weight sync: the sampling model is the trained one, so only the version
+        the rollout reports moves."""
+        self.rollout.weight_version = int(version)
+        return self.rollout.weight_version
 
     # ----------------------------------------------------------------- weights
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -105,3 +105,32 @@ def test_old_log_probs_from_the_rollout_leave_nothing_to_correct():
     check(*ASYNC, "actor.recompute_old_log_prob=rollout")
     with pytest.raises(ConfigError, match=r"actor.off_policy.correction=tis compares .* actor.recompute_old_log_prob=rollout does not compute"):
         check(*ASYNC, "actor.recompute_old_log_prob=rollout", "actor.off_policy.correction=tis")
+
+
+IN_ACTOR = ("rollout.placement=in_actor", "actor.num_workers=1")
+
+
+def test_in_actor_placement_passes_with_one_actor_worker():
+    check(*IN_ACTOR)
+
+
+def test_unknown_placement_names_the_key():
+    with pytest.raises(ConfigError, match=r"rollout.placement='inside' is not valid: use one of split, colocated, in_actor"):
+        check("rollout.placement=inside")
+
+
+@pytest.mark.parametrize("override, needed", [
+    ("actor.num_workers=2", "actor.num_workers=1"),
+    ("rollout.backend=vllm", "rollout.backend=hf"),
+    ("rollout.mode=one_step_off", "rollout.mode=sync"),
+    ("actor.lora.rank=8", "actor.lora.rank=0"),
+])
+def test_in_actor_placement_names_each_setting_it_cannot_run_with(override, needed):
+    extra = ("rollout.max_weight_staleness=1",) if "mode" in override else ()
+    with pytest.raises(ConfigError, match=rf"rollout.placement=in_actor needs {needed}:"):
+        check(*IN_ACTOR, override, *extra)
+
+
+def test_in_actor_placement_excludes_episodes():
+    with pytest.raises(ConfigError, match=r"rollout.placement=in_actor needs agent.enable=false"):
+        check(*IN_ACTOR, "agent.enable=true", "agent.environment=guess_number")

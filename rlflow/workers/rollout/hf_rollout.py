@@ -29,20 +29,26 @@ from rlflow.workers.rollout.sampling import SamplingSettings, hf_generation_kwar
 
 
 class HFRolloutWorker(EpisodeRollout, Worker):
-    def __init__(self, config: dict, score_fn: Optional[Any] = None) -> None:
+    def __init__(self, config: dict, score_fn: Optional[Any] = None, model: Optional[torch.nn.Module] = None) -> None:
+        """``model``: generate with this model (the actor's own, ``rollout.placement=in_actor``)
+        instead of loading one; its owner keeps its threads, training mode and weights."""
         super().__init__()
         self.cfg = typed_config(config)
-        torch.set_num_threads(max(1, self.cfg.rollout.torch_threads))
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.tokenizer = load_tokenizer(self.cfg.model)
-        self.model = load_causal_lm(self.cfg.model, device=self.device)
-        # LoRA with adapter-only syncs: the same adapters on this worker's own base copy.
-        lora = self.cfg.actor.lora
-        self.receives_adapters = lora_enabled(lora) and lora.sync == "adapters"
-        if self.receives_adapters:
-            self.model = add_lora_adapters(self.model, lora)
-        self.model.requires_grad_(False)
-        self.model.eval()
+        self.receives_adapters = False
+        if model is not None:
+            self.model = model
+        else:
+            torch.set_num_threads(max(1, self.cfg.rollout.torch_threads))
+            self.model = load_causal_lm(self.cfg.model, device=self.device)
+            # LoRA with adapter-only syncs: the same adapters on this worker's own base copy.
+            lora = self.cfg.actor.lora
+            self.receives_adapters = lora_enabled(lora) and lora.sync == "adapters"
+            if self.receives_adapters:
+                self.model = add_lora_adapters(self.model, lora)
+            self.model.requires_grad_(False)
+            self.model.eval()
         self.weight_version = 0
         eos = self.tokenizer.eos_token_id
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
