@@ -40,6 +40,11 @@ _NAME_RELEASE_WAIT_S = 10.0
 # A rank whose collective lost its peer raises ("Connection closed by peer") before Ray
 # reports the peer's death; this long is given to the other ranks' results to show it.
 _PEER_DEATH_GRACE_S = 5.0
+# What such a rank raises: gloo's and NCCL's transport errors. Any other error is the call's
+# own and is reported at once, without the grace.
+_LOST_PEER = re.compile(
+    r"connection (closed|reset)|broken pipe|DistBackendError|DistNetworkError|gloo|nccl", re.IGNORECASE
+)
 
 
 class WorkerError(RuntimeError):
@@ -388,7 +393,9 @@ class WorkerGroup:
                 except RayActorError as err:
                     raise self._died(rank, method, err) from err
                 except RayTaskError as err:
-                    died = self._peer_death([r for r in refs if r != ref], rank_of, method)
+                    died = None
+                    if _LOST_PEER.search(_summarise(err)):
+                        died = self._peer_death([r for r in refs if r != ref], rank_of, method)
                     if died is not None:
                         raise died from err
                     raise WorkerCallError(

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from rlflow.data.batched_data_dict import BatchedDataDict
 from rlflow.distributed.ray_cluster import init_ray
 from rlflow.distributed.resource_pool import ResourcePool
+from rlflow.distributed import worker_group
 from rlflow.distributed.worker_group import (
     WorkerCallError,
     WorkerDiedError,
@@ -76,6 +77,12 @@ class EchoWorker(Worker):
         return self.rank
 
     def fail(self) -> None:
+        raise KeyError("no such sample")
+
+    def fail_while_peer_waits(self) -> None:
+        """Rank 0 raises an error of its own; rank 1 waits, as in a collective rank 0 left."""
+        if self.rank == 1:
+            time.sleep(120)
         raise KeyError("no such sample")
 
     def lose_peer(self) -> None:
@@ -242,6 +249,18 @@ def test_rank_that_raised_because_its_peer_died_reports_the_death(ray_cluster):
         # Rank 0's error arrives first; the death of rank 1 is what the trainer must see.
         with pytest.raises(WorkerDiedError, match=r"rlflow/orphan/1 \(role 'orphan', rank 1\) died during 'lose_peer'"):
             wg.call_all("lose_peer")
+
+
+def test_an_error_of_the_call_itself_is_reported_without_waiting_for_the_peers(ray_cluster, monkeypatch):
+    # Only transport errors wait for a peer's death to show; with a grace far longer than the
+    # test, a KeyError that waited for it could not arrive in time.
+    monkeypatch.setattr(worker_group, "_PEER_DEATH_GRACE_S", 600.0)
+    pool = ResourcePool("stuck", num_workers=2, cpus_per_worker=0.25)
+    with WorkerGroup(EchoWorker, "stuck", pool) as wg:
+        start = time.monotonic()
+        with pytest.raises(WorkerCallError, match=r"rank 0\) raised in 'fail_while_peer_waits': KeyError"):
+            wg.call_all("fail_while_peer_waits")
+        assert time.monotonic() - start < 60, "the error waited for the sleeping peer"
 
 
 def test_constructor_failure_names_role_and_cause(ray_cluster):
