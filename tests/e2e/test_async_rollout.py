@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import time
 from pathlib import Path
 
 import pytest
 
 import rlflow
 from tests.e2e.test_one_step_off import assert_epoch_consumed_once, ledger
-from tests.e2e.test_resume_and_recovery import finish, kill_group, launch, rows
+from tests.e2e.test_resume_and_recovery import finish, kill_run_after, kill_worker_after, launch, rows
 
 pytestmark = pytest.mark.ray
 
@@ -105,14 +102,7 @@ def resumed_checkpoint(output: str) -> Path:
 @pytest.mark.long
 def test_async_sigkill_and_resume_trains_each_prompt_of_the_epoch_exactly_once(tmp_path):
     out = tmp_path / "run"
-    proc = launch(out, *EPOCH_OF_SIX)
-    deadline = time.monotonic() + 300
-    try:
-        while len(rows(out)) < 3:
-            assert proc.poll() is None and time.monotonic() < deadline, "the run ended early"
-            time.sleep(0.05)
-    finally:
-        kill_group(proc)
+    kill_run_after(out, launch(out, *EPOCH_OF_SIX), steps=3)
 
     output = finish(launch(out, *EPOCH_OF_SIX, "trainer.resume_mode=auto"))
     state = json.loads((resumed_checkpoint(output) / "trainer_state.json").read_text())
@@ -130,22 +120,8 @@ def test_async_sigkill_and_resume_trains_each_prompt_of_the_epoch_exactly_once(t
 def test_async_rollout_worker_killed_mid_run_is_replaced_without_losing_prompts(tmp_path):
     out = tmp_path / "recover"
     proc = launch(out, *EPOCH_OF_SIX, "trainer.max_restarts=1")
-    pid, lines = None, []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            match = re.search(r"role rollout: .*rank 0 pid (\d+)", line)
-            if match and pid is None:
-                pid = int(match.group(1))
-            if pid is not None and len(rows(out)) >= 3:  # generation for later steps is in flight
-                os.kill(pid, signal.SIGKILL)
-                break
-        rest, _ = proc.communicate(timeout=400)
-    except BaseException:
-        kill_group(proc)
-        raise
-    output = "".join(lines) + rest
-    assert proc.returncode == 0, output[-3000:]
+    # Generation for later steps is in flight.
+    output = kill_worker_after(out, proc, "rollout", rank=0, steps=3)
     # Only the dead worker was replaced: no rollback to a checkpoint, no step repeated.
     assert "a rollout worker died" in output and "restart 1 of 1" in output, output[-3000:]
     assert "rlflow/rollout/0" in output and "resumed from" not in output

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import time
 from pathlib import Path
 
 import pytest
 
 import rlflow
-from tests.e2e.test_resume_and_recovery import finish, kill_group, launch, rows
+from tests.e2e.test_resume_and_recovery import finish, kill_run_after, kill_worker_after, launch, rows
 
 pytestmark = pytest.mark.ray
 
@@ -70,15 +66,8 @@ def test_one_step_off_trains_on_batches_exactly_one_sync_old(ray_cluster, tmp_pa
 def test_sigkill_and_resume_trains_each_prompt_of_the_epoch_exactly_once(tmp_path):
     common = EPOCH_OF_SIX
     out = tmp_path / "run"
-    proc = launch(out, *common)
-    deadline = time.monotonic() + 300
-    try:
-        # Step 3 is logged: step 4 trains while batch 5 is generated. Kill everything.
-        while len(rows(out)) < 3:
-            assert proc.poll() is None and time.monotonic() < deadline, "the run ended early"
-            time.sleep(0.05)
-    finally:
-        kill_group(proc)
+    # Step 3 is logged: step 4 trains while batch 5 is generated. Kill everything.
+    kill_run_after(out, launch(out, *common), steps=3)
     saved = out / "checkpoints" / "global_step_2" / "trainer_state.json"
     assert not (out / "checkpoints" / "global_step_4").exists()
     # Batch 3 was in flight when step 2 saved: the checkpoint does not count it as consumed.
@@ -96,22 +85,8 @@ def test_sigkill_and_resume_trains_each_prompt_of_the_epoch_exactly_once(tmp_pat
 def test_dead_actor_worker_mid_run_is_recovered_without_losing_the_batch_in_flight(tmp_path):
     out = tmp_path / "recover"
     proc = launch(out, *EPOCH_OF_SIX, "trainer.max_restarts=1")
-    pid, lines = None, []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            match = re.search(r"role actor: .*rank 1 pid (\d+)", line)
-            if match and pid is None:
-                pid = int(match.group(1))
-            if pid is not None and len(rows(out)) >= 3:  # step 4 trains, batch 5 is in flight
-                os.kill(pid, signal.SIGKILL)
-                break
-        rest, _ = proc.communicate(timeout=400)
-    except BaseException:
-        kill_group(proc)
-        raise
-    output = "".join(lines) + rest
-    assert proc.returncode == 0, output[-3000:]
+    # Step 4 trains while batch 5 is in flight.
+    output = kill_worker_after(out, proc, "actor", rank=1, steps=3)
     assert "restart 1 of 1" in output
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
     assert_epoch_consumed_once(out)

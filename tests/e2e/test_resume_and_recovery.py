@@ -44,6 +44,39 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait(30)
 
 
+def kill_run_after(out: Path, proc: subprocess.Popen, steps: int, timeout: float = 300) -> None:
+    """SIGKILL the driver and every Ray process it began once ``steps`` steps are logged."""
+    deadline = time.monotonic() + timeout
+    try:
+        while len(rows(out)) < steps:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended early"
+            time.sleep(0.05)
+    finally:
+        kill_group(proc)
+
+
+def kill_worker_after(out: Path, proc: subprocess.Popen, role: str, rank: int, steps: int) -> str:
+    """SIGKILL one worker of ``role`` (its pid read from the run's worker listing) once ``steps``
+    steps are logged; the run must then finish by itself. Returns its whole output."""
+    pid, lines = None, []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            match = re.search(rf"role {role}: .*rank {rank} pid (\d+)", line)
+            if match and pid is None:
+                pid = int(match.group(1))
+            if pid is not None and len(rows(out)) >= steps:
+                os.kill(pid, signal.SIGKILL)
+                break
+        rest, _ = proc.communicate(timeout=400)
+    except BaseException:
+        kill_group(proc)
+        raise
+    output = "".join(lines) + rest
+    assert proc.returncode == 0, output[-3000:]
+    return output
+
+
 @pytest.mark.long
 def test_sigkill_during_step_7_then_resume_matches_uninterrupted_run(tmp_path):
     common = ("trainer.total_steps=12", "trainer.save_freq=4")
@@ -53,15 +86,7 @@ def test_sigkill_during_step_7_then_resume_matches_uninterrupted_run(tmp_path):
     assert sorted(expected) == list(range(1, 13))
 
     run_b = tmp_path / "b"
-    proc = launch(run_b, *common)
-    deadline = time.monotonic() + 300
-    try:
-        # Step 6 is logged: step 7 is under way. Kill the driver and every Ray process it began.
-        while len(rows(run_b)) < 6:
-            assert proc.poll() is None and time.monotonic() < deadline, "run B ended early"
-            time.sleep(0.05)
-    finally:
-        kill_group(proc)
+    kill_run_after(run_b, launch(run_b, *common), steps=6)  # step 7 is under way
     assert (run_b / "checkpoints" / "global_step_4" / "trainer_state.json").is_file()
     assert not (run_b / "checkpoints" / "global_step_8").exists()
 
@@ -78,22 +103,7 @@ def test_sigkill_during_step_7_then_resume_matches_uninterrupted_run(tmp_path):
 def test_killed_actor_worker_is_recovered_and_counted(tmp_path):
     out = tmp_path / "recover"
     proc = launch(out, "trainer.total_steps=8", "trainer.save_freq=2", "trainer.max_restarts=2")
-    pid, lines = None, []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            match = re.search(r"role actor: .*rank 1 pid (\d+)", line)
-            if match and pid is None:
-                pid = int(match.group(1))
-            if pid is not None and len(rows(out)) >= 3:
-                os.kill(pid, signal.SIGKILL)
-                break
-        rest, _ = proc.communicate(timeout=400)
-    except BaseException:
-        kill_group(proc)
-        raise
-    output = "".join(lines) + rest
-    assert proc.returncode == 0, output[-3000:]
+    output = kill_worker_after(out, proc, "actor", rank=1, steps=3)
     assert "restart 1 of 2" in output
     final = rows(out)
     assert [r["step"] for r in final] == list(range(1, 9))
