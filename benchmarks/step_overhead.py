@@ -5,15 +5,18 @@ Three contenders, each in a fresh process, run one after another in this one inv
 * ``rlflow``: ``python -m rlflow.main +recipe=grpo`` as a user runs it (Ray, 2 actor
   workers holding the reference too, 1 rollout worker, rewards on the driver), through the
   Python API.
-* ``rlflow-1w``: the same recipe with one actor worker instead of two FSDP ranks, and 2 torch
-  threads in the actor and the rollout worker (``ONE_WORKER``): in the synchronous loop only
-  one of them computes at a time, so each can use both cores.
+* ``rlflow-in-actor``: the same recipe with one actor worker of 2 torch threads that also
+  samples with the model it trains (``IN_ACTOR``: ``rollout.placement=in_actor``): no rollout
+  process and no weight transfer; in the synchronous loop only one role computes at a time,
+  so that one process can use both cores.
 * ``plain``: the same algorithm in one process with one torch thread and no Ray: the demo
   model samples ``rollout.n`` answers per prompt with HF ``generate``, the arithmetic rule
   scores them, a frozen copy gives reference log-probs, and one clipped policy-gradient step
   with the k3 KL loss follows. This is the floor for the work itself.
-* ``trl``: TRL's ``GRPOTrainer`` on the same model, prompts and shapes (skipped with a note
-  when ``trl`` is not importable).
+* ``trl``: TRL's ``GRPOTrainer`` on the same model, prompts and shapes, one torch thread like
+  the plain loop (skipped with a note when ``trl`` is not importable).
+* ``trl-2t``: the same with 2 torch threads, torch's default on 2 cores: the fair comparison
+  for a configuration of rlflow that uses both cores.
 
 Each contender reports the time from process start to the end of its first step, and the
 median seconds per step over ``--steps`` steps after ``--warmup`` steps; the whole set is
@@ -43,7 +46,7 @@ def _result(first_step_s: float, step_times: list[float]) -> None:
     print("RESULT " + json.dumps({"first_step_s": first_step_s, "step_s": statistics.median(step_times)}), flush=True)
 
 
-ONE_WORKER = ["actor.num_workers=1", "actor.torch_threads=2", "rollout.torch_threads=2"]
+IN_ACTOR = ["actor.num_workers=1", "actor.torch_threads=2", "rollout.placement=in_actor"]
 
 
 def run_rlflow(args: argparse.Namespace, start: float, overrides: tuple[str, ...] = ()) -> None:
@@ -159,7 +162,7 @@ def run_plain(args: argparse.Namespace, start: float) -> None:
     _result(first, times)
 
 
-def run_trl(args: argparse.Namespace, start: float) -> None:
+def run_trl(args: argparse.Namespace, start: float, threads: int = 1) -> None:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -167,7 +170,7 @@ def run_trl(args: argparse.Namespace, start: float) -> None:
 
     from rlflow.rewards.arithmetic import compute_score
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     cfg, tokenizer, dataset, _, model_path = _demo_parts()
     rows = [dataset[i] for i in range(len(dataset))]
     data = Dataset.from_list([
@@ -203,9 +206,10 @@ def run_trl(args: argparse.Namespace, start: float) -> None:
 
 CONTENDERS = {
     "rlflow": run_rlflow,
-    "rlflow-1w": lambda args, start: run_rlflow(args, start, tuple(ONE_WORKER)),
+    "rlflow-in-actor": lambda args, start: run_rlflow(args, start, tuple(IN_ACTOR)),
     "plain": run_plain,
     "trl": run_trl,
+    "trl-2t": lambda args, start: run_trl(args, start, threads=2),
 }
 
 
@@ -234,10 +238,10 @@ def main(argv: list[str]) -> int:
     try:
         import trl  # noqa: F401
 
-        names = ["rlflow", "rlflow-1w", "plain", "trl"]
+        names = ["rlflow", "rlflow-in-actor", "plain", "trl", "trl-2t"]
     except ImportError:
         print("trl is not installed: comparing rlflow with the plain loop only")
-        names = ["rlflow", "rlflow-1w", "plain"]
+        names = ["rlflow", "rlflow-in-actor", "plain"]
     results: dict[str, list[dict]] = {n: [] for n in names}
     for run in range(args.runs):
         for name in names:
@@ -246,12 +250,13 @@ def main(argv: list[str]) -> int:
                 results[name].append(res)
                 print(f"run {run + 1} {name}: {res['step_s']:.3f} s/step, first step after {res['first_step_s']:.1f} s")
     print(f"\n{PROMPTS} prompts x {SAMPLES} samples, {NEW_TOKENS} new tokens, demo model; median of {args.runs} runs")
-    print(f"{'':9} {'s/step':>8} {'x plain':>8} {'first step s':>13}")
+    print(f"{'':15} {'s/step':>8} {'x plain':>8} {'x trl':>6} {'first step s':>13}")
     summary = {n: (statistics.median(r["step_s"] for r in rs), statistics.median(r["first_step_s"] for r in rs))
                for n, rs in results.items() if rs}
     base = summary.get("plain", (float("nan"),))[0]
+    trl = summary.get("trl", (float("nan"),))[0]
     for name, (step_s, first_s) in summary.items():
-        print(f"{name:9} {step_s:8.3f} {step_s / base:8.2f} {first_s:13.1f}")
+        print(f"{name:15} {step_s:8.3f} {step_s / base:8.2f} {step_s / trl:6.2f} {first_s:13.1f}")
     return 0
 
 
