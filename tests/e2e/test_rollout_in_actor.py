@@ -9,30 +9,19 @@ import math
 
 import pytest
 
-import rlflow
+from tests.e2e.test_learning import run_recipe
 
 pytestmark = pytest.mark.ray
 
 SAME = ["actor.num_workers=1", "actor.torch_threads=1", "rollout.torch_threads=1", "trainer.total_steps=3",
-        "trainer.progress_bar=false", "trainer.test_freq=3"]
+        "trainer.test_freq=3"]
 COMPARED = ["reward/mean", "response_length/mean", "actor/pg_loss", "actor/kl", "actor/entropy",
             "actor/grad_norm", "advantages/mean", "weight_version"]
 
 
-def _run(tmp_path, name: str, *overrides: str) -> tuple[dict[str, int], list[dict]]:
-    cfg = rlflow.compose_config("grpo", overrides=[*SAME, f"trainer.output_dir={tmp_path / name}", *overrides])
-    trainer = rlflow.build_trainer(cfg)
-    try:
-        roles = {role: wg.world_size for role, wg in trainer.groups.items()}
-        history = trainer.fit()
-    finally:
-        trainer.close()
-    return roles, history
-
-
 def test_in_actor_rollout_runs_the_split_placements_numbers(ray_cluster, tmp_path):
-    in_actor_roles, in_actor = _run(tmp_path, "in_actor", "rollout.placement=in_actor")
-    split_roles, split = _run(tmp_path, "split")
+    in_actor_roles, in_actor = run_recipe("grpo", tmp_path / "in_actor", [*SAME, "rollout.placement=in_actor"])
+    split_roles, split = run_recipe("grpo", tmp_path / "split", SAME)
 
     assert in_actor_roles == {"actor": 1}, "no rollout process starts"
     assert split_roles == {"actor": 1, "rollout": 1}
