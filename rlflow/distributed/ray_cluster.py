@@ -44,6 +44,10 @@ _LOCAL_SYSTEM_CONFIG = {
     "enable_worker_prestart": False,
     "prestart_worker_first_driver": False,
     "worker_maximum_startup_concurrency": 16,
+    # Arguments and results up to 2 MiB (a demo step's batches are 150-250 KB) travel inside
+    # the call instead of through the shared-memory object store, whose extra round trips
+    # cost about 13% of a demo step on 2 cores.
+    "max_direct_call_object_size": 2 * 1024 * 1024,
 }
 
 
