@@ -13,6 +13,7 @@ role can be unit-tested by constructing it directly.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import socket
 from typing import Any
@@ -36,10 +37,12 @@ def _int_setting(name: str, value: int | None, env_key: str, default: int | None
     return value
 
 
+@functools.cache
 def _limit_torch_threads() -> None:
     # Ray (and WorkerGroup) size OMP_NUM_THREADS to the worker's CPU share; torch reads it
     # only at import in some builds, so apply it explicitly to keep small workers from each
-    # spinning one thread per core.
+    # spinning one thread per core. Once per process: a role's own torch_threads, set after
+    # it, must survive a second Worker built in the same process (the in-actor rollout).
     raw = os.environ.get("OMP_NUM_THREADS")
     if raw and raw.isdigit() and int(raw) > 0 and torch.get_num_threads() != int(raw):
         torch.set_num_threads(int(raw))

@@ -129,7 +129,6 @@ class CriticWorker(Worker):
             values = self._values(mb)
             mask = mb["response_mask"].to(self.device)
             out.append(torch.where(mask != 0, values, torch.zeros_like(values)).cpu())
-        self.model.train()
         return BatchedDataDict({"values": torch.cat(out)})
 
     # ----------------------------------------------------------------- update

@@ -79,8 +79,6 @@ class DPOPolicyWorker(PolicyWorker):
             token_lp, mask = self._answer_log_probs(mb)
             logps.append(token_lp.sum(-1).cpu())
             counts.append(mask.sum(-1).cpu())
-        if self.trainable:
-            self.model.train()
         return BatchedDataDict({"logps": torch.cat(logps), "num_tokens": torch.cat(counts)})
 
     # ----------------------------------------------------------------- update

@@ -57,6 +57,7 @@ class PolicyWorker(Worker):
         self.cfg = typed_config(config)
         self.role = role
         self.trainable = role == "actor"
+        torch.set_num_threads(max(1, self._role_cfg().torch_threads))
         self.init_distributed()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         # Same seed on every rank so unsharded initial state (if any) agrees before sharding.
@@ -96,8 +97,6 @@ class PolicyWorker(Worker):
             from rlflow.workers.rollout.hf_rollout import HFRolloutWorker
 
             self.rollout = HFRolloutWorker(config, model=self.model)
-        # Last: building the in-actor rollout resets the process to its CPU share's threads.
-        torch.set_num_threads(max(1, self._role_cfg().torch_threads))
 
     def _prepare_attention(self, model: torch.nn.Module) -> None:
         # Packed rows: per-sequence attention where the model runs sdpa (unpacked inputs keep
@@ -126,7 +125,6 @@ class PolicyWorker(Worker):
             yield
         finally:
             self.model = model
-            self.reference.eval()
 
     # ----------------------------------------------------------------- micro-batching
     def _role_cfg(self) -> Any:
@@ -249,10 +247,7 @@ class PolicyWorker(Worker):
         if reference:
             with self._reference_policy():
                 return self._score(batch, micro_batch_size, with_entropy)
-        out = self._score(batch, micro_batch_size, with_entropy)
-        if self.trainable:
-            self.model.train()
-        return out
+        return self._score(batch, micro_batch_size, with_entropy)
 
     def _score(self, batch: BatchedDataDict, micro_batch_size: int, with_entropy: bool) -> BatchedDataDict:
         self.model.eval()
@@ -436,10 +431,7 @@ class PolicyWorker(Worker):
     def generate(self, batch: BatchedDataDict, **kwargs: Any) -> BatchedDataDict:
         """``rollout.placement=in_actor``: ``HFRolloutWorker.generate`` on this worker's model."""
         self.model.eval()
-        try:
-            return self.rollout.generate(batch, **kwargs)
-        finally:
-            self.model.train()
+        return self.rollout.generate(batch, **kwargs)
 
     def use_own_weights(self, version: int) -> int:
         """The in-actor weight sync: the sampling model is the trained one, so only the version

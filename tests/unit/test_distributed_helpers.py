@@ -16,7 +16,7 @@ from rlflow.distributed.ray_cluster import _probe_target, _with_worker_env, ensu
 from rlflow.distributed.resource_pool import ResourcePool
 from rlflow.data.batch_sizes import padding_indices, shard_bounds
 from rlflow.errors import ClusterError
-from rlflow.workers.base import Worker
+from rlflow.workers.base import Worker, _limit_torch_threads
 
 
 # ---------------------------------------------------------------- sharding arithmetic
@@ -151,12 +151,18 @@ def test_worker_defaults_and_bad_values(monkeypatch):
         Worker(rank=0, world_size=2).init_distributed()
 
 
-def test_worker_limits_torch_threads_to_omp(monkeypatch):
+def test_worker_limits_torch_threads_to_omp_once_per_process(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    _limit_torch_threads.cache_clear()
     try:
         Worker()
         assert torch.get_num_threads() == 1
+        # A role sets its own threads after; a second Worker in the same process (the
+        # in-actor rollout) must not reset them to the CPU share.
+        torch.set_num_threads(2)
+        Worker()
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 
