@@ -7,9 +7,8 @@ A ``BatchedDataDict`` maps names to per-sample data. Every value is either
 
 Method names and semantics follow NeMo-RL's type of the same name, so code written
 against it ports over: ``from_batches``, ``shard_by_batch_size`` (with dynamic
-batching and sequence packing), ``reorder_data``, ``get_batch``,
-``make_microbatch_iterator*``, ``chunk``, ``slice``, ``select_indices``,
-``repeat_interleave``, ``truncate_tensors``, ``to``, ``size``, ``all_gather``.
+batching and sequence packing), ``reorder_data``, ``make_microbatch_iterator``,
+``chunk``, ``slice``, ``select_indices``, ``repeat_interleave``, ``to``, ``size``.
 
 Micro-batch plans made by ``shard_by_batch_size`` are stored as plain attributes on
 each shard, so they travel with it through pickling (Ray object store):
@@ -459,10 +458,6 @@ class BatchedDataDict(UserDict):
             )
         return next(iter(sizes.values()), 0)
 
-    def get_dict(self) -> dict[str, Any]:
-        """The underlying plain dict (not a copy; edits show through)."""
-        return self.data
-
     # -- row selection --------------------------------------------------------------
 
     def _rows(self, indices: list[int]) -> BatchedDataDict:
@@ -512,44 +507,6 @@ class BatchedDataDict(UserDict):
         step = size // chunks
         return self.slice(rank * step, (rank + 1) * step)
 
-    def get_batch(self, batch_idx: int, batch_size: int | None = None) -> SlicedDataDict:
-        """Global batch ``batch_idx`` of this shard, with its micro-batch plan.
-
-        Boundaries come from ``elem_counts_per_gb`` when the shard was made by
-        ``shard_by_batch_size``; otherwise ``batch_size`` rows per global batch.
-        """
-        counts = self.elem_counts_per_gb
-        if counts is not None:
-            if not 0 <= batch_idx < len(counts):
-                raise ValueError(
-                    f"batch_idx {batch_idx} is out of range; "
-                    f"this shard holds {len(counts)} global batches"
-                )
-            if batch_size is not None and batch_size != counts[batch_idx]:
-                raise ValueError(
-                    f"batch_size={batch_size} disagrees with the shard's plan "
-                    f"({counts[batch_idx]} samples in global batch {batch_idx}); "
-                    "pass batch_size=None"
-                )
-            start = sum(counts[:batch_idx])
-            end = start + counts[batch_idx]
-        else:
-            if batch_size is None:
-                raise ValueError("batch_size is required: this dict has no per-global-batch plan")
-            _check_positive_int("batch_size", batch_size)
-            start, end = batch_idx * batch_size, (batch_idx + 1) * batch_size
-            if batch_idx < 0 or end > self.size:
-                raise ValueError(
-                    f"global batch {batch_idx} of size {batch_size} exceeds batch size {self.size}"
-                )
-        out = self.slice(start, end)
-        out.elem_counts_per_gb = [end - start]
-        out.sequence_key = self.sequence_key
-        if self.micro_batch_indices is not None and self.micro_batch_lengths is not None:
-            out.micro_batch_indices = [deepcopy(self.micro_batch_indices[batch_idx])]
-            out.micro_batch_lengths = [list(self.micro_batch_lengths[batch_idx])]
-        return out
-
     # -- transforms -----------------------------------------------------------------
 
     def repeat_interleave(self, num_repeats: int) -> BatchedDataDict:
@@ -566,30 +523,6 @@ class BatchedDataDict(UserDict):
             else:
                 out[key] = [deepcopy(item) for item in value for _ in range(num_repeats)]
         return out
-
-    def truncate_tensors(self, dim: int, truncated_len: int) -> BatchedDataDict:
-        """In place: tensors longer than ``truncated_len`` along ``dim`` are narrowed to it.
-
-        Tensors with ``ndim <= dim`` or already short enough are left alone. Returns self.
-        """
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(
-                f"dim must be an int >= 1 (use slice() for the batch dim), got {dim!r}"
-            )
-        if (
-            isinstance(truncated_len, bool)
-            or not isinstance(truncated_len, int)
-            or truncated_len < 0
-        ):
-            raise ValueError(f"truncated_len must be an int >= 0, got {truncated_len!r}")
-        for key, value in self.data.items():
-            if (
-                isinstance(value, torch.Tensor)
-                and value.ndim > dim
-                and value.shape[dim] > truncated_len
-            ):
-                self.data[key] = value.narrow(dim, 0, truncated_len)
-        return self
 
     def to(self, device: str | torch.device) -> BatchedDataDict:
         """In place: move every tensor to ``device``. Returns self."""
@@ -638,75 +571,6 @@ class BatchedDataDict(UserDict):
             )
         for start in range(0, size, microbatch_size):
             yield self.slice(start, start + microbatch_size)
-
-    def _planned_ranges(self, kind: str) -> Iterator[tuple[int, int, int]]:
-        if (
-            self.micro_batch_indices is None
-            or self.micro_batch_lengths is None
-            or self.elem_counts_per_gb is None
-        ):
-            raise ValueError(
-                f"no micro-batch plan: call shard_by_batch_size(..., {kind}=...) "
-                "and iterate over one of its shards"
-            )
-        offset = 0
-        for ranges, lengths, count in zip(
-            self.micro_batch_indices, self.micro_batch_lengths, self.elem_counts_per_gb, strict=True
-        ):
-            for (start, end), length in zip(ranges, lengths, strict=True):
-                yield offset + start, offset + end, length
-            offset += count
-
-    def make_microbatch_iterator_with_dynamic_shapes(
-        self, sequence_dim: int = 1, pad_value_dict: Mapping[str, int | float] | None = None
-    ) -> Iterator[SlicedDataDict]:
-        """Yield the planned dynamic micro-batches, over all global batches in order.
-
-        Per-token tensors (those whose size along ``sequence_dim`` equals the width
-        of ``sequence_key``) are narrowed, or right-padded with
-        ``pad_value_dict[key]`` (default 0), to the micro-batch's rounded length.
-        A shard with fewer samples than micro-batches (uneven shards only) yields
-        empty micro-batches so every rank runs the same number of steps.
-        """
-        pad_value_dict = dict(pad_value_dict or {})
-        key = self.sequence_key
-        ranges = list(self._planned_ranges("dynamic_batching_args"))
-        if key is None or key not in self.data:
-            raise ValueError(
-                f"sequence_key {key!r} is not in this dict; "
-                "it must keep the input key used for sharding"
-            )
-        width = self.data[key].shape[sequence_dim]
-        for start, end, length in ranges:
-            mb = self.slice(start, end)
-            for k, value in mb.data.items():
-                if (
-                    isinstance(value, torch.Tensor)
-                    and value.ndim > sequence_dim
-                    and value.shape[sequence_dim] == width
-                ):
-                    mb.data[k] = _fit_dim(value, sequence_dim, length, pad_value_dict.get(k, 0))
-            yield mb
-
-    def get_microbatch_iterator_dynamic_shapes_len(self) -> int:
-        """Number of micro-batches ``make_microbatch_iterator_with_dynamic_shapes`` yields."""
-        return sum(1 for _ in self._planned_ranges("dynamic_batching_args"))
-
-    def make_microbatch_iterator_for_packable_sequences(self) -> Iterator[SlicedDataDict]:
-        """Yield one slice per packing bin, global batches in order.
-
-        The caller packs each slice into one row.
-
-        An empty bin (only with uneven shards) yields a 0-row slice: the rank must
-        still run a step (e.g. on a dummy token) so collectives line up.
-        """
-        for start, end, _ in self._planned_ranges("sequence_packing_args"):
-            yield self.slice(start, end)
-
-    def get_microbatch_iterator_for_packable_sequences_len(self) -> tuple[int, int]:
-        """(number of bins, largest packed token count among them)."""
-        lengths = [length for _, _, length in self._planned_ranges("sequence_packing_args")]
-        return len(lengths), max(lengths, default=0)
 
     # -- sharding -------------------------------------------------------------------
 
@@ -920,35 +784,6 @@ class BatchedDataDict(UserDict):
                 per_shard.append((rows, ranges, [loads[b] for b in owned]))
             plan.append(per_shard)
         return plan
-
-    # -- collectives ----------------------------------------------------------------
-
-    def all_gather(
-        self, group: Any = None, pad_value_dict: Mapping[str, int | float] | None = None
-    ) -> BatchedDataDict:
-        """Gather this dict from every rank of ``group`` (default: the world).
-
-        Uses ``all_gather_object`` (works with gloo and NCCL); tensors travel on CPU
-        and come back on this rank's device for that key. Ranks may hold different
-        batch sizes and widths; the result is ``from_batches`` over ranks in rank
-        order (so dim-1 widths are right-padded as there).
-        """
-        import torch.distributed as dist
-
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError(
-                "all_gather needs an initialized torch.distributed process group "
-                "(call init_process_group first)"
-            )
-        _ = self.size  # fail early, before the collective, on a malformed dict
-        local = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in self.data.items()}
-        gathered: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(gathered, local, group=group)
-        out = type(self).from_batches(gathered, pad_value_dict)
-        for key, value in self.data.items():
-            if isinstance(value, torch.Tensor):
-                out[key] = out[key].to(value.device)
-        return out
 
 
 class SlicedDataDict(BatchedDataDict):

@@ -6,8 +6,6 @@ import pickle
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from rlflow.data.batched_data_dict import (
     BatchedDataDict,
@@ -31,6 +29,18 @@ def _batch(n: int = 8) -> BatchedDataDict:
 
 def _rows(bdd: BatchedDataDict) -> list[int]:
     return bdd["x"].tolist()
+
+
+def _global_batch(shard: BatchedDataDict, g: int) -> BatchedDataDict:
+    """Global batch ``g`` of a shard made by ``shard_by_batch_size``."""
+    start = sum(shard.elem_counts_per_gb[:g])
+    return shard.slice(start, start + shard.elem_counts_per_gb[g])
+
+
+def _micro_batches(shard: BatchedDataDict, g: int) -> list[BatchedDataDict]:
+    """The planned micro-batches (or packing bins) of global batch ``g`` of a shard."""
+    gb = _global_batch(shard, g)
+    return [gb.slice(a, b) for a, b in shard.micro_batch_indices[g]]
 
 
 # ----------------------------------------------------------------------------- from_batches
@@ -93,9 +103,8 @@ def test_size_and_errors():
         _ = BatchedDataDict({"c": "not a list"}).size
 
 
-def test_get_dict_to_and_pickle_round_trip():
+def test_to_and_pickle_round_trip():
     b = _batch(4)
-    assert type(b.get_dict()) is dict and b.get_dict()["text"] == b["text"]
     assert b.to("cpu") is b
     shards, _ = b.shard_by_batch_size(
         2,
@@ -157,32 +166,11 @@ def test_repeat_interleave_repeats_each_sample_consecutively():
         b.repeat_interleave(0)
 
 
-def test_make_microbatch_iterator_and_get_batch():
+def test_make_microbatch_iterator():
     b = _batch(6)
     assert [_rows(mb) for mb in b.make_microbatch_iterator(2)] == [[0, 1], [2, 3], [4, 5]]
     with pytest.raises(ValueError, match="microbatch_size=4"):
         list(b.make_microbatch_iterator(4))
-    assert _rows(b.get_batch(1, batch_size=3)) == [3, 4, 5]
-    with pytest.raises(ValueError, match="batch_size is required"):
-        b.get_batch(0)
-    shard = b.shard_by_batch_size(2, batch_size=2)[1]  # rows [1, 3, 5], one per global batch
-    assert _rows(shard.get_batch(2)) == [5]
-
-
-def test_truncate_tensors():
-    b = BatchedDataDict(
-        {
-            "a": torch.arange(12).reshape(2, 6),
-            "b": torch.arange(4).reshape(2, 2),
-            "c": torch.arange(2),
-        }
-    )
-    assert b.truncate_tensors(dim=1, truncated_len=3) is b
-    assert b["a"].tolist() == [[0, 1, 2], [6, 7, 8]]
-    assert b["b"].tolist() == [[0, 1], [2, 3]]  # already shorter
-    assert b["c"].tolist() == [0, 1]  # no dim 1
-    with pytest.raises(ValueError, match="dim"):
-        b.truncate_tensors(dim=0, truncated_len=1)
 
 
 def test_reorder_data_inverts_a_permutation():
@@ -203,7 +191,9 @@ def test_shard_by_batch_size_spreads_each_global_batch_over_shards():
     assert shards[1]["text"] == ["s2", "s3", "s6", "s7"]
     assert all(isinstance(s, SlicedDataDict) for s in shards)
     assert shards[0].elem_counts_per_gb == [2, 2]
-    assert _rows(shards[0].get_batch(1)) == [4, 5]
+    assert _rows(_global_batch(shards[0], 1)) == [4, 5]
+    one_per_gb = _batch(6).shard_by_batch_size(2, batch_size=2)[1]
+    assert _rows(one_per_gb) == [1, 3, 5] and one_per_gb.elem_counts_per_gb == [1, 1, 1]
 
 
 def test_shard_without_batch_size_and_uneven():
@@ -245,8 +235,6 @@ def test_shard_errors():
         BatchedDataDict({"ids": torch.zeros(1, 3), "n": [4]}).shard_by_batch_size(
             1, dynamic_batching_args=args
         )
-    with pytest.raises(ValueError, match="no micro-batch plan"):
-        list(b.make_microbatch_iterator_with_dynamic_shapes())
 
 
 # ----------------------------------------------------------------------------- dynamic batching
@@ -292,21 +280,16 @@ def test_dynamic_batching_invariants(n, gbs, shards, cap, rnd, order):
         assert len(counts) == 1, "every shard must run the same number of micro-batches"
         members = set()
         for p in parts:
-            gb = p.get_batch(g)
+            gb = _global_batch(p, g)
             assert all(g * gbs <= u < (g + 1) * gbs for u in gb["uid"]), (
                 "samples stay in their global batch"
             )
             members.update(gb["uid"])
-            mbs = list(gb.make_microbatch_iterator_with_dynamic_shapes())
-            assert gb.get_microbatch_iterator_dynamic_shapes_len() == len(mbs)
-            for mb, length in zip(mbs, gb.micro_batch_lengths[0], strict=True):
+            mbs = _micro_batches(p, g)
+            for mb, length in zip(mbs, p.micro_batch_lengths[g], strict=True):
                 assert length % rnd == 0
                 assert mb.size * length <= cap
                 assert max(lengths[u] for u in mb["uid"]) <= length
-                assert (
-                    mb["input_ids"].shape[1] == length and mb["attention_mask"].shape[1] == length
-                )
-                assert mb["len"].ndim == 1
             seen = [u for mb in mbs for u in mb["uid"]]
             assert seen == gb["uid"], (
                 "micro-batches cover the shard's global batch exactly once, in order"
@@ -317,8 +300,8 @@ def test_dynamic_batching_invariants(n, gbs, shards, cap, rnd, order):
     assert torch.equal(gathered["input_ids"], batch["input_ids"])
 
 
-def test_dynamic_batching_balances_lengths_and_pads_to_rounded_length():
-    # widths 10, round 8: a length-9 sample needs a 16-wide micro-batch, padded with the pad value
+def test_dynamic_batching_balances_lengths_and_plans_rounded_lengths():
+    # widths 10, round 8: a length-9 sample needs a 16-wide micro-batch
     batch = BatchedDataDict(
         {"input_ids": torch.ones(4, 10, dtype=torch.long), "len": [9, 1, 2, 8], "uid": [0, 1, 2, 3]}
     )
@@ -336,11 +319,7 @@ def test_dynamic_batching_balances_lengths_and_pads_to_rounded_length():
     # samples in one 2 x 8 micro-batch but is split to match shard 1's two steps
     assert parts[1].micro_batch_lengths == [[8, 16]]
     assert parts[0].micro_batch_lengths == [[8, 8]]
-    mbs = list(
-        parts[1].make_microbatch_iterator_with_dynamic_shapes(pad_value_dict={"input_ids": -1})
-    )
-    assert mbs[1]["input_ids"].tolist() == [[1] * 10 + [-1] * 6]
-    assert mbs[0]["input_ids"].tolist() == [[1] * 8]
+    assert [mb["uid"] for mb in _micro_batches(parts[1], 0)] == [[2], [0]]
 
 
 def test_dynamic_batching_descending_order_puts_longest_first():
@@ -362,7 +341,7 @@ def test_dynamic_batching_uneven_shards_get_empty_microbatches():
     args = {"max_tokens_per_microbatch": 4, "input_key": "input_ids", "input_lengths_key": "len"}
     parts, _ = batch.shard_by_batch_size(2, allow_uneven_shards=True, dynamic_batching_args=args)
     assert [p.size for p in parts] == [2, 1]
-    sizes = [[mb.size for mb in p.make_microbatch_iterator_with_dynamic_shapes()] for p in parts]
+    sizes = [[mb.size for mb in _micro_batches(p, 0)] for p in parts]
     assert sizes == [[1, 1], [1, 0]]
 
 
@@ -443,13 +422,8 @@ def test_sequence_packing_invariants(algorithm, n, gbs, shards, cap, multiple):
         )
         members = []
         for p in parts:
-            gb = p.get_batch(g)
-            bins = list(gb.make_microbatch_iterator_for_packable_sequences())
-            assert gb.get_microbatch_iterator_for_packable_sequences_len() == (
-                len(bins),
-                max(gb.micro_batch_lengths[0]),
-            )
-            for mb, packed in zip(bins, gb.micro_batch_lengths[0], strict=True):
+            bins = _micro_batches(p, g)
+            for mb, packed in zip(bins, p.micro_batch_lengths[g], strict=True):
                 padded = sum(-(-lengths[u] // multiple) * multiple for u in mb["uid"])
                 assert padded == packed <= cap
                 assert (
@@ -480,42 +454,6 @@ def test_packing_uneven_shards_use_empty_bins():
     parts, order_idx = batch.shard_by_batch_size(
         3, allow_uneven_shards=True, sequence_packing_args=args
     )
-    bins = [[mb.size for mb in p.make_microbatch_iterator_for_packable_sequences()] for p in parts]
+    bins = [[mb.size for mb in _micro_batches(p, 0)] for p in parts]
     assert sorted(bins) == [[0], [1], [1]]
     assert sorted(order_idx) == [0, 1]
-
-
-# ----------------------------------------------------------------------------- all_gather
-
-
-def _all_gather_worker(rank: int, init_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        if rank == 0:
-            local = BatchedDataDict(
-                {
-                    "seq": torch.tensor([[1, 2], [3, 4]]),
-                    "v": torch.tensor([0.5, 1.5]),
-                    "s": ["a", "b"],
-                }
-            )
-        else:
-            local = BatchedDataDict(
-                {"seq": torch.tensor([[5, 6, 7]]), "v": torch.tensor([2.5]), "s": ["c"]}
-            )
-        out = local.all_gather(pad_value_dict={"seq": -1})
-        assert isinstance(out, BatchedDataDict)
-        assert out["seq"].tolist() == [[1, 2, -1], [3, 4, -1], [5, 6, 7]], out["seq"]
-        assert out["v"].tolist() == [0.5, 1.5, 2.5]
-        assert out["s"] == ["a", "b", "c"]
-    finally:
-        dist.destroy_process_group()
-
-
-def test_all_gather_over_two_gloo_ranks(tmp_path):
-    mp.spawn(_all_gather_worker, args=(str(tmp_path / "rendezvous"),), nprocs=2, join=True)
-
-
-def test_all_gather_without_process_group_is_a_clear_error():
-    with pytest.raises(RuntimeError, match="init_process_group"):
-        _batch(2).all_gather()
