@@ -214,6 +214,7 @@ class RLTrainer:
         self.generate_method = "run_episodes" if cfg.agent.enable else "generate"
         # The actor's workers generate with their own model: no rollout group, nothing to sync.
         self.rollout_in_actor = cfg.rollout.placement == "in_actor"
+        self.generation_role = "actor" if self.rollout_in_actor else "rollout"
         self.driver_scorer = None
         if cfg.reward.num_workers == 0 and not cfg.agent.enable:
             self.driver_scorer = BatchScorer(typed_config(cfg).reward, self.tokenizer, reward_fn)
@@ -455,7 +456,7 @@ class RLTrainer:
         batch = self._collate(rows)
         temperature = cfg.rollout.val_temperature
         batch.update(self._call_sharded(
-            "rollout", self.generate_method, batch, seed=self.global_step, temperature=temperature,
+            self.generation_role, self.generate_method, batch, seed=self.global_step, temperature=temperature,
             do_sample=temperature > 0, expected_weight_version=self.weight_version,
         ))
         if not cfg.agent.enable:  # episodes are scored by their environment
@@ -545,7 +546,8 @@ class RLTrainer:
             batch = self._prompt_batch(self.batches.next_indices())
         with timer.phase("gen"):
             call = self._start_call(
-                "rollout", self.generate_method, batch, seed=seed, expected_weight_version=trained_at_version
+                self.generation_role, self.generate_method, batch, seed=seed,
+                expected_weight_version=trained_at_version,
             )
         return Generation(batch, call, data_state)
 
@@ -725,8 +727,6 @@ class RLTrainer:
         return not (acfg.ppo_epochs == 1 and acfg.ppo_mini_batch_size == self.cfg.data.train_batch_size)
 
     def _start_call(self, role: str, method: str, batch: BatchedDataDict, **kwargs: Any) -> ShardedCall:
-        if role == "rollout" and self.rollout_in_actor:
-            role = "actor"
         return self.groups[role].call_sharded_async(method, call_view(method, batch), **kwargs)
 
     def _call_sharded(self, role: str, method: str, batch: BatchedDataDict, **kwargs: Any) -> BatchedDataDict:
