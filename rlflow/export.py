@@ -105,19 +105,19 @@ def export_from_actor_group(actor_group, cfg: Any, target: str) -> str:
 
     With LoRA: the adapter folder goes to ``<target's parent>/lora_adapter`` and the merged
     model to ``target``."""
-    import ray
     from safetensors.torch import save_file
 
+    from rlflow.distributed.state_transport import get_state
     from rlflow.workers.checkpointing import _dedupe_shared
 
     model_cfg = cfg.model
     if lora_enabled(cfg.actor.lora):
         refs = [r for r in actor_group.call_all("publish_weights", lora_sync="adapters") if r is not None]
         adapter_dir = os.path.join(os.path.dirname(os.path.abspath(target)), "lora_adapter")
-        export_lora_from_state(ray.get(refs[0][0]), cfg, adapter_dir, target, replace=True)
+        export_lora_from_state(get_state(refs[0][0]), cfg, adapter_dir, target, replace=True)
         return target
     refs = [r for r in actor_group.call_all("publish_weights") if r is not None]
-    state = ray.get(refs[0][0])
+    state = get_state(refs[0][0])
     base = resolve_model_path(model_cfg.path)
 
     def fill(folder: str) -> None:

@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Optional
 
-import ray
 import torch
 import torch.distributed as dist
 
@@ -34,6 +33,7 @@ from rlflow.algorithms.losses import (
 from rlflow.algorithms.off_policy import correction_weights
 from rlflow.data.batch_sizes import balanced_halves, round_up, split_to_count
 from rlflow.data.batched_data_dict import BatchedDataDict
+from rlflow.distributed.state_transport import put_state
 from rlflow.models.loading import load_causal_lm
 from rlflow.models.lora import adapters_disabled, add_lora_adapters, lora_enabled, lora_sync_state
 from rlflow.models.packing import (
@@ -454,7 +454,7 @@ class PolicyWorker(Worker):
         state = lora_sync_state(self.model, self.cfg.actor.lora, lora_sync) if self.lora else self.full_state_dict()
         if self.rank != 0:
             return None
-        return [ray.put(state)]
+        return [put_state(state)]
 
 
 # --------------------------------------------------------------------- planning helpers

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import ray
 import torch
 
 import rlflow
-from rlflow.models.lora import is_adapter_key
+from rlflow.distributed.state_transport import get_state
 from rlflow.models.loading import resolve_model_path
+from rlflow.models.lora import is_adapter_key
 
 pytestmark = pytest.mark.ray
 
@@ -39,7 +39,7 @@ def test_lora_grpo_syncs_adapters_resumes_exactly_and_exports(ray_cluster, tmp_p
         trainer.fit()
         actor, rollout = trainer.groups["actor"], trainer.groups["rollout"]
         # A sync ships the adapters only.
-        shipped = ray.get([r for r in actor.call_all("publish_weights") if r is not None][0][0])
+        shipped = get_state([r for r in actor.call_all("publish_weights") if r is not None][0][0])
         assert shipped and all(is_adapter_key(k) for k in shipped)
         # After the syncs the rollout worker holds the actor's policy.
         prompts = trainer._collate([trainer.train_dataset[i] for i in range(8)])

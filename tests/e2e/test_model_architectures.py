@@ -10,13 +10,13 @@ import subprocess
 import sys
 
 import pytest
-import ray
 import torch
 from transformers import AutoModelForCausalLM
 
 import rlflow
 from tiny_models import TINY_ARCHITECTURES, build_tiny_model
 from rlflow.export import export_hf_model
+from rlflow.distributed.state_transport import get_state
 
 pytestmark = pytest.mark.ray
 
@@ -52,7 +52,7 @@ def test_grpo_steps_with_two_actor_ranks_then_export(ray_cluster, models, tmp_pa
         assert len(trainer.groups["actor"].workers_info()) == 2
         history = trainer.fit()
         published = [r for r in trainer.groups["actor"].call_all("publish_weights") if r is not None]
-        live = ray.get(published[0][0])
+        live = get_state(published[0][0])
     finally:
         trainer.close()
     if arch == "llama":

@@ -114,7 +114,8 @@ def test_dropout_is_off_in_the_update_unless_kept(models, disable_dropout):
     batch = dropout_batch(worker.model.config.vocab_size)
     scored = batch["response_mask"].bool()
     logged = worker.compute_log_prob(batch, micro_batch_size=4)["log_probs"]
-    assert worker.model.training  # compute_log_prob hands the actor back in training mode
+    assert not worker.model.training  # scoring runs in eval mode
+    worker.model.train()  # as update_policy does on entry
     torch.manual_seed(1)
     with torch.no_grad():
         update_mode, _ = worker._forward(batch, "padded", with_entropy=False)

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rlflow
 from rlflow.data.batched_data_dict import BatchedDataDict
+from rlflow.distributed.state_transport import put_state
 from rlflow.models.lora import adapter_state, add_lora_adapters, is_adapter_key
 from rlflow.workers.rollout.vllm_rollout import VLLMRolloutWorker
 
@@ -84,7 +85,7 @@ def test_adapter_syncs_give_the_actors_log_probs(engine, config, tiny_model_dir)
         actor = adapted_model(tiny_model_dir, config, seed)
         adapters = adapter_state(actor)
         assert all(is_adapter_key(k) for k in adapters)
-        assert ray.get(engine.update_weights.remote([ray.put(adapters)], version)) == version
+        assert ray.get(engine.update_weights.remote([put_state(adapters)], version)) == version
         # The engine's log-probs of the tokens it samples are the adapted actor's.
         sampled = ray.get(engine.generate.remote(batch, seed=7, expected_weight_version=version))
         smask = sampled["response_mask"].bool()

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 import rlflow
 from rlflow.data.batched_data_dict import BatchedDataDict
+from rlflow.distributed.state_transport import put_state
 from rlflow.workers.rollout.policy_lag import StaleWeightsError
 from rlflow.workers.rollout.vllm_rollout import VLLMRolloutWorker
 
@@ -55,7 +56,7 @@ class Engine:
 
     def sync(self, state: dict) -> int:
         self.version += 1
-        assert ray.get(self.actor.update_weights.remote([ray.put(state)], self.version)) == self.version
+        assert ray.get(self.actor.update_weights.remote([put_state(state)], self.version)) == self.version
         return self.version
 
     def generate(self, batch: BatchedDataDict, seed: int = 0, **kw) -> BatchedDataDict:
@@ -209,7 +210,7 @@ def test_stop_tokens_end_responses_like_hf(engine, initial_state, tokenizer, con
     assert out["weight_version"] == [version] * batch.size
 
     hf = HFRolloutWorker(config)
-    hf.update_weights([ray.put(state)], version)
+    hf.update_weights([put_state(state)], version)
     want = hf.generate(batch, seed=5)
     for key in CONTRACT_KEYS:
         assert torch.equal(out[key], want[key]), key

@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Optional
 
-import ray
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from rlflow.config.schema import typed_config
 from rlflow.data.batched_data_dict import BatchedDataDict
+from rlflow.distributed.state_transport import get_state
 from rlflow.models.loading import load_causal_lm, load_tokenizer
 from rlflow.models.packing import build_model_inputs, score_responses
 from rlflow.models.lora import add_lora_adapters, is_adapter_key, lora_enabled
@@ -147,7 +147,7 @@ class HFRolloutWorker(EpisodeRollout, Worker):
     def update_weights(self, state_ref: list, version: int) -> int:
         """Load the actor's full state dict, or its LoRA adapters (passed as ``[ObjectRef]``),
         and record its version."""
-        state = ray.get(state_ref[0])
+        state = get_state(state_ref[0])
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         tied = set(getattr(self.model, "_tied_weights_keys", None) or [])
         missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]

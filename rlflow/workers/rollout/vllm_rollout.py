@@ -32,6 +32,7 @@ import torch
 
 from rlflow.config.schema import typed_config
 from rlflow.data.batched_data_dict import BatchedDataDict
+from rlflow.distributed.state_transport import get_state
 from rlflow.errors import ConfigError
 from rlflow.models.loading import load_tokenizer, resolve_model_path
 from rlflow.utils.torch_functional import get_response_mask, response_batch
@@ -364,9 +365,7 @@ class VLLMRolloutWorker(EpisodeRollout, Worker):
         self._wake()
         try:
             if self.receives_adapters:
-                import ray
-
-                self.adapter.load(ray.get(state_ref[0]), int(version))
+                self.adapter.load(get_state(state_ref[0]), int(version))
                 self.llm.update_weight_version(str(int(version)))
             else:
                 self.llm.start_weight_update()

@@ -38,6 +38,8 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
+from rlflow.distributed.state_transport import get_state
+
 OBJECT_STORE_BACKEND = "rlflow_object_store"
 
 
@@ -88,7 +90,7 @@ class ObjectStoreWeightTransferEngine(WeightTransferEngine[ObjectStoreInitInfo, 
             torch.cuda.synchronize()
 
     def receive_weights(self, update_info: ObjectStoreUpdateInfo) -> None:
-        state = ray.get(update_info.state_ref[0])
+        state = get_state(update_info.state_ref[0])
         # load_weights maps HF names onto vLLM's fused layout (qkv_proj, gate_up_proj) and
         # skips what the model ties or does not own (lm_head with tied embeddings).
         self.model.load_weights(weights=((name, tensor) for name, tensor in state.items()))
