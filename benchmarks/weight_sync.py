@@ -1,9 +1,9 @@
 """Weight sync through the Ray object store: torch tensors as Ray pickles them, against
 rlflow's raw-buffer transport (``rlflow.distributed.state_transport``).
 
-One state dict is put by one Ray worker and read by another, as ``PolicyWorker.publish_weights``
-and a rollout worker's ``update_weights`` do; both sides run in Ray workers of one local
-cluster. Two models: the demo model, and SmolLM2-135M-Instruct (``make real-parts``) in
+One state dict (``full_model_state``, as ``PolicyWorker.publish_weights`` puts it: tied
+weights are one tensor under two names) is put by one Ray worker and read by another, as
+``publish_weights`` and a rollout worker's ``update_weights`` do, in one local cluster. Two models: the demo model, and SmolLM2-135M-Instruct (``make real-parts``) in
 float32 and in bfloat16. For each, the median of ``--repeats`` puts and reads:
 
 * ``torch``: ``ray.put(state)`` / ``ray.get(ref)``, the tensors pickled by torch;
@@ -54,9 +54,12 @@ def main(argv: list[str]) -> int:
             import torch
             from transformers import AutoModelForCausalLM
 
+            from rlflow.workers.checkpointing import full_model_state
+
             model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            return sum(v.numel() * v.element_size() for v in self.state.values())
+            self.state = full_model_state(model)  # what publish_weights puts: tied weights once
+            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.state.values()}
+            return sum(storages.values())
 
         def put(self, kind: str) -> tuple[list, float]:
             from rlflow.distributed.state_transport import put_state
