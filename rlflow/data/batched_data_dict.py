@@ -34,6 +34,7 @@ from typing import Any, TypedDict, TypeVar
 import torch
 
 from rlflow.data.batch_sizes import balanced_halves, round_up, split_to_count
+from rlflow.distributed.state_transport import pack_state, unpack_state
 
 Self = TypeVar("Self", bound="BatchedDataDict")
 
@@ -378,6 +379,21 @@ class BatchedDataDict(UserDict):
         self.micro_batch_lengths: list[list[int]] | None = None
         self.elem_counts_per_gb: list[int] | None = None
         self.sequence_key: str | None = None
+
+    # Ray pickles a batch for every call and result: its CPU tensors go as raw buffers, not
+    # through torch.save (see rlflow.distributed.state_transport).
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        tensors = {k: v for k, v in self.data.items() if torch.is_tensor(v) and v.device.type == "cpu"}
+        others = {k: v for k, v in self.data.items() if k not in tensors}
+        state["data"] = (pack_state(tensors), others, list(self.data))
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        packed, others, order = state.pop("data")
+        self.__dict__.update(state)
+        values = {**unpack_state(packed, writable=True), **others}
+        self.data = {key: values[key] for key in order}
 
     # -- construction ---------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""State dicts through the Ray object store without pickling tensors.
+"""State dicts (and batches) through Ray without pickling tensors.
 
 Ray pickles a torch tensor through ``torch.save``: one full copy into a byte string when it
 is put and another when it is read. A numpy array travels as a raw buffer instead, copied
@@ -6,6 +6,7 @@ once into shared memory and read there in place. So each tensor goes as the flat
 its bytes with its dtype and shape, and tensors that share memory (tied embeddings) go once
 and come back shared. Tensors read back share the store's read-only memory: load them into
 a model (``load_state_dict``, vLLM's ``load_weights``) or save them; never write to them.
+``BatchedDataDict`` pickles its tensors the same way, into writable copies.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def pack_state(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {"names": list(state), "tensors": tensors, "aliases": aliases}
 
 
-def unpack_state(packed: dict[str, Any]) -> dict[str, torch.Tensor]:
+def unpack_state(packed: dict[str, Any], writable: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of ``pack_state``; ``writable``: in their own memory instead of the buffers'."""
     tensors = {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -42,7 +44,7 @@ def unpack_state(packed: dict[str, Any]) -> dict[str, torch.Tensor]:
             if raw.size == 0:  # an empty buffer has no stride to reinterpret
                 tensors[name] = torch.empty(shape, dtype=dtype)
             else:
-                tensors[name] = torch.from_numpy(raw).view(dtype).reshape(shape)
+                tensors[name] = torch.from_numpy(raw.copy() if writable else raw).view(dtype).reshape(shape)
     return {name: tensors[packed["aliases"].get(name, name)] for name in packed["names"]}
 
 

@@ -123,6 +123,27 @@ def test_to_and_pickle_round_trip():
     assert restored.sequence_key == "ids"
 
 
+def test_pickled_batch_keeps_values_and_aliases_in_writable_tensors():
+    b = _batch(4)
+    b["f16"] = torch.tensor([0.5, 1.5, -2.0, 3.0], dtype=torch.float16)
+    b["bf16"] = torch.linspace(-1, 1, 8).reshape(4, 2).to(torch.bfloat16)
+    b["same_ids"] = b["ids"]
+    restored = pickle.loads(pickle.dumps(b, protocol=5))
+    assert type(restored) is BatchedDataDict and list(restored) == list(b)
+    for key in ("x", "ids", "f16", "bf16"):
+        assert restored[key].dtype == b[key].dtype and torch.equal(restored[key], b[key])
+    assert restored["text"] == b["text"]
+    assert restored["same_ids"] is restored["ids"]  # one tensor under two keys stays one
+    restored["ids"][0, 0] = -7  # received batches may be changed in place
+    assert restored["same_ids"][0, 0] == -7 and b["ids"][0, 0] == 0
+
+
+def test_a_pickled_slice_carries_only_its_rows():
+    big = BatchedDataDict({"x": torch.zeros(4096, 64)})
+    whole, rows = len(pickle.dumps(big)), len(pickle.dumps(big.slice(0, 8)))
+    assert rows * 100 < whole, (rows, whole)
+
+
 # ----------------------------------------------------------------------------- row selection
 
 
