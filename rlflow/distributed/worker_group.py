@@ -480,8 +480,7 @@ class WorkerGroup:
         num_padded = (-size) % world if pad_to_divisible else 0
         rows = list(range(size)) + padding_indices(size, num_padded)
         bounds = shard_bounds(len(rows), world)
-        # select_indices copies each shard into its own storage; a slice would be a view,
-        # and pickling a view ships the whole underlying batch to every rank.
+        # select_indices: each rank's rows, the padding copies included, as a batch of its own.
         refs = [
             getattr(w, name).remote(batch.select_indices(rows[start:end]), **kwargs)
             for w, (start, end) in zip(self._workers, bounds)
