@@ -480,9 +480,11 @@ class WorkerGroup:
         num_padded = (-size) % world if pad_to_divisible else 0
         rows = list(range(size)) + padding_indices(size, num_padded)
         bounds = shard_bounds(len(rows), world)
-        # select_indices: each rank's rows, the padding copies included, as a batch of its own.
+        # Each rank gets a slice, which pickles as its own rows only: no copy is made here
+        # unless padding rows must be added.
+        padded = batch.select_indices(rows) if num_padded else batch
         refs = [
-            getattr(w, name).remote(batch.select_indices(rows[start:end]), **kwargs)
+            getattr(w, name).remote(padded.slice(start, end), **kwargs)
             for w, (start, end) in zip(self._workers, bounds)
         ]
         return ShardedCall(
