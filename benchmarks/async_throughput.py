@@ -73,6 +73,7 @@ def run_mode(args: argparse.Namespace) -> None:
         f"trainer.output_dir={out}", "trainer.progress_bar=false", "trainer.resume_mode=disable",
         f"trainer.total_steps={args.max_steps}", "trainer.save_freq=0", "cluster.num_cpus=2",
         "actor.num_workers=1", "rollout.num_workers=1", "actor.torch_threads=1", "rollout.torch_threads=1",
+        "rollout.placement=split",  # every mode with a rollout worker pinned to its own core
         f"data.max_response_length={args.response_length}",
         f"rollout.micro_batch_size={args.gen_micro_batch}",
         f"rollout.async_prompts_per_call={args.prompts_per_call}", *MODE_OVERRIDES[args.mode], *args.override,

@@ -2,13 +2,13 @@
 
 Three contenders, each in a fresh process, run one after another in this one invocation:
 
-* ``rlflow``: ``python -m rlflow.main +recipe=grpo`` as a user runs it (Ray, 2 actor
-  workers holding the reference too, 1 rollout worker, rewards on the driver), through the
-  Python API.
-* ``rlflow-in-actor``: the same recipe with one actor worker of 2 torch threads that also
-  samples with the model it trains (``IN_ACTOR``: ``rollout.placement=in_actor``): no rollout
-  process and no weight transfer; in the synchronous loop only one role computes at a time,
-  so that one process can use both cores.
+* ``rlflow``: ``python -m rlflow.main +recipe=grpo`` as a user runs it, through the Python
+  API: Ray, one actor worker of 2 torch threads that samples with the model it trains and
+  holds the reference too (``rollout.placement=auto``), rewards on the driver. In the
+  synchronous loop only one role computes at a time, so that one process can use both cores.
+* ``rlflow-fsdp2``: the same recipe with two FSDP actor ranks of one thread each
+  (``FSDP2``: ``actor.num_workers=2 actor.torch_threads=1``), which gives it a rollout
+  worker of its own and a weight sync through the object store every step.
 * ``plain``: the same algorithm in one process with one torch thread and no Ray: the demo
   model samples ``rollout.n`` answers per prompt with HF ``generate``, the arithmetic rule
   scores them, a frozen copy gives reference log-probs, and one clipped policy-gradient step
@@ -46,7 +46,7 @@ def _result(first_step_s: float, step_times: list[float]) -> None:
     print("RESULT " + json.dumps({"first_step_s": first_step_s, "step_s": statistics.median(step_times)}), flush=True)
 
 
-IN_ACTOR = ["actor.num_workers=1", "actor.torch_threads=2", "rollout.placement=in_actor"]
+FSDP2 = ["actor.num_workers=2", "actor.torch_threads=1"]
 
 
 def run_rlflow(args: argparse.Namespace, start: float, overrides: tuple[str, ...] = ()) -> None:
@@ -206,7 +206,7 @@ def run_trl(args: argparse.Namespace, start: float, threads: int = 1) -> None:
 
 CONTENDERS = {
     "rlflow": run_rlflow,
-    "rlflow-in-actor": lambda args, start: run_rlflow(args, start, tuple(IN_ACTOR)),
+    "rlflow-fsdp2": lambda args, start: run_rlflow(args, start, tuple(FSDP2)),
     "plain": run_plain,
     "trl": run_trl,
     "trl-2t": lambda args, start: run_trl(args, start, threads=2),
@@ -238,10 +238,10 @@ def main(argv: list[str]) -> int:
     try:
         import trl  # noqa: F401
 
-        names = ["rlflow", "rlflow-in-actor", "plain", "trl", "trl-2t"]
+        names = ["rlflow", "rlflow-fsdp2", "plain", "trl", "trl-2t"]
     except ImportError:
         print("trl is not installed: comparing rlflow with the plain loop only")
-        names = ["rlflow", "rlflow-in-actor", "plain"]
+        names = ["rlflow", "rlflow-fsdp2", "plain"]
     results: dict[str, list[dict]] = {n: [] for n in names}
     for run in range(args.runs):
         for name in names:

@@ -6,6 +6,7 @@ a message that names the keys and suggests values, instead of deep inside a Ray 
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterable
 
 from omegaconf import DictConfig
@@ -15,7 +16,7 @@ from rlflow.errors import ConfigError
 
 ROLLOUT_BACKENDS = ("hf", "vllm")
 ROLLOUT_MODES = ("sync", "one_step_off", "async")
-PLACEMENTS = ("split", "colocated", "in_actor")
+PLACEMENTS = ("auto", "split", "colocated", "in_actor")
 TRAINER_ALGORITHMS = ("rl", "dpo")
 FILTER_METRICS = ("score", "seq_reward")
 POLICY_LOSSES = ("ppo_clip", "gspo")
@@ -221,15 +222,12 @@ def _check_rollout_mode(cfg: DictConfig) -> None:
         )
 
 
-def _check_in_actor_rollout(cfg: DictConfig) -> None:
-    """``rollout.placement=in_actor`` samples with the actor's own model in its one process:
-    HF ``generate`` on an unsharded model, between two updates, one response per turn."""
-    rcfg = cfg.rollout
-    _one_of("rollout.placement", rcfg.placement, PLACEMENTS)
-    if rcfg.placement != "in_actor":
-        return
+def _in_actor_unmet(cfg: DictConfig) -> list[str]:
+    """What keeps the actor's one worker from sampling with the model it trains: HF
+    ``generate`` on an unsharded model, between two updates, one response per turn."""
     from rlflow.models.lora import lora_enabled
 
+    rcfg = cfg.rollout
     needs = {
         "rollout.backend=hf": rcfg.backend == "hf",
         "actor.num_workers=1": cfg.actor.num_workers == 1,
@@ -237,11 +235,29 @@ def _check_in_actor_rollout(cfg: DictConfig) -> None:
         "agent.enable=false": not cfg.agent.enable,
         "actor.lora.rank=0": not lora_enabled(cfg.actor.lora),
     }
-    unmet = [key for key, ok in needs.items() if not ok]
+    return [key for key, ok in needs.items() if not ok]
+
+
+def resolve_placement(cfg: DictConfig) -> DictConfig:
+    """``rollout.placement=auto`` is ``in_actor`` where the run allows it, else ``split``.
+    Returns a copy with the chosen placement, so the caller's config still says ``auto``."""
+    if cfg.rollout.placement != "auto":
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.rollout.placement = "split" if _in_actor_unmet(cfg) else "in_actor"
+    return cfg
+
+
+def _check_in_actor_rollout(cfg: DictConfig) -> None:
+    rcfg = cfg.rollout
+    _one_of("rollout.placement", rcfg.placement, PLACEMENTS)
+    if rcfg.placement != "in_actor":
+        return
+    unmet = _in_actor_unmet(cfg)
     if unmet:
         raise ConfigError(
             f"rollout.placement=in_actor needs {', '.join(unmet)}: the actor's single, unsharded "
-            "model samples between updates (or use rollout.placement=split)"
+            "model samples between updates (or use rollout.placement=split, or auto)"
         )
 
 

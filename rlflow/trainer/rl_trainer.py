@@ -61,7 +61,7 @@ from rlflow.distributed.worker_group import WorkerDiedError
 from rlflow.trainer import checkpoint as ckpt
 from rlflow.trainer.async_rollout import AsyncRollout, Segments
 from rlflow.trainer.partial_rollout import token_version_metrics
-from rlflow.trainer.config_checks import check_config
+from rlflow.trainer.config_checks import check_config, resolve_placement
 from rlflow.trainer.preflight import check_first_rows, preflight
 from rlflow.trainer.startup import (
     build_pool, init_ray_from_config, log_workers, prepare_output_dir, total_training_steps, wait_ready,
@@ -175,6 +175,7 @@ class RLTrainer:
     ) -> None:
         """``reward_fn``, ``train_dataset`` and ``packer`` are Python objects that replace the
         config's ``reward.*``, ``data.custom_cls`` and ``data.packer`` (handy in notebooks)."""
+        cfg = resolve_placement(cfg)
         check_config(cfg)
         check_model_support(cfg)
         if cfg.trainer.algorithm != "rl":

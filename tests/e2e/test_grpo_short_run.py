@@ -15,24 +15,31 @@ pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_grpo_three_steps_through_ray(ray_cluster, tmp_path):
+@pytest.mark.parametrize("overrides, roles, placement", [
+    # the recipe: one actor worker samples with the model it trains and holds the frozen
+    # reference (ref.in_actor)
+    ([], {"actor": 1}, "in_actor"),
+    # two FSDP ranks cannot sample in the actor: placement auto gives a rollout worker
+    (["actor.num_workers=2", "actor.torch_threads=1"], {"actor": 2, "rollout": 1}, "split"),
+])
+def test_grpo_three_steps_through_ray(ray_cluster, tmp_path, overrides, roles, placement):
     out = tmp_path / "run"
     cfg = rlflow.compose_config(
         "grpo",
-        overrides=[f"trainer.output_dir={out}", "trainer.total_steps=3", "trainer.progress_bar=false"],
+        overrides=[f"trainer.output_dir={out}", "trainer.total_steps=3", "trainer.progress_bar=false", *overrides],
     )
     trainer = rlflow.build_trainer(cfg)
     try:
-        roles = {role: len(wg.workers_info()) for role, wg in trainer.groups.items()}
-        # the reference policy is a frozen copy inside the actor's workers (ref.in_actor)
-        assert roles == {"actor": 2, "rollout": 1}
+        assert {role: len(wg.workers_info()) for role, wg in trainer.groups.items()} == roles
         actor_pids = {w["pid"] for w in trainer.groups["actor"].workers_info()}
-        assert len(actor_pids) == 2, "the two actor ranks must be separate processes"
+        assert len(actor_pids) == roles["actor"], "each actor rank is its own process"
         first = trainer.step()
         assert first["step"] == 1 and first["weight_version"] == 1
         history = trainer.fit()
     finally:
         trainer.close()
+    assert cfg.rollout.placement == "auto", "the caller's config keeps what it asked for"
+    assert f"placement: {placement}" in (out / "config.yaml").read_text()
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -49,7 +56,6 @@ def test_grpo_three_steps_through_ray(ray_cluster, tmp_path):
         assert 1.0 <= row["response_length/mean"] <= cfg.data.max_response_length
         # 32 prompts x 8 samples = 256 responses per step, every one scored.
         assert row["actor/entropy"] > 0
-    assert (out / "config.yaml").is_file()
 
 
 def test_readme_python_snippet_runs(ray_cluster, tmp_path, monkeypatch):

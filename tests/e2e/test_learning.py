@@ -78,6 +78,17 @@ def assert_reward_rises(history: list[dict]) -> None:
 
 @pytest.mark.ray
 @pytest.mark.long
+def test_grpo_demo_learns(ray_cluster, tmp_path):
+    """``make run``: the recipe as shipped, its one actor worker sampling with its own model."""
+    roles, history = run_recipe("grpo", tmp_path, ["trainer.total_steps=160"])
+    assert roles == {"actor": 1}, "the actor samples and holds the reference: no other workers"
+    assert_reward_rises(history)
+    assert [row["weight_version"] for row in history] == list(range(1, 161))
+    assert history[-1]["actor/kl"] > 0
+
+
+@pytest.mark.ray
+@pytest.mark.long
 def test_ppo_with_critic_learns(ray_cluster, tmp_path):
     roles, history = run_recipe("ppo", tmp_path, ["trainer.total_steps=100"])
     assert roles == {"actor": 2, "critic": 1, "rollout": 1}

@@ -43,6 +43,7 @@ def test_grpo_steps_with_two_actor_ranks_then_export(ray_cluster, models, tmp_pa
     cfg = rlflow.compose_config("grpo", overrides=[
         f"model.path={models[arch]}", f"trainer.output_dir={out}", "trainer.total_steps=2",
         "trainer.save_freq=2", "trainer.progress_bar=false", "data.train_batch_size=4", "data.max_samples=16",
+        "actor.num_workers=2", "actor.torch_threads=1",
         "rollout.n=2", "actor.ppo_mini_batch_size=2", "actor.ppo_micro_batch_size_per_worker=2",
         "actor.log_prob_micro_batch_size_per_worker=4", "actor.use_kl_loss=false", "actor.optim.lr=1e-2",
         *OVERRIDES.get(arch, []),

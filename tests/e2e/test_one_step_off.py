@@ -84,7 +84,8 @@ def test_sigkill_and_resume_trains_each_prompt_of_the_epoch_exactly_once(tmp_pat
 @pytest.mark.long
 def test_dead_actor_worker_mid_run_is_recovered_without_losing_the_batch_in_flight(tmp_path):
     out = tmp_path / "recover"
-    proc = launch(out, *EPOCH_OF_SIX, "trainer.max_restarts=1")
+    # Two FSDP ranks: rank 0 learns of rank 1's death inside a collective.
+    proc = launch(out, *EPOCH_OF_SIX, "trainer.max_restarts=1", "actor.num_workers=2", "actor.torch_threads=1")
     # Step 4 trains while batch 5 is in flight.
     output = kill_worker_after(out, proc, "actor", rank=1, steps=3)
     assert "restart 1 of 1" in output

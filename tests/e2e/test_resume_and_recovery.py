@@ -103,7 +103,8 @@ def test_sigkill_during_step_7_then_resume_matches_uninterrupted_run(tmp_path):
 def test_killed_actor_worker_is_recovered_and_counted(tmp_path):
     out = tmp_path / "recover"
     proc = launch(out, "trainer.total_steps=8", "trainer.save_freq=2", "trainer.max_restarts=2")
-    output = kill_worker_after(out, proc, "actor", rank=1, steps=3)
+    # The recipe's one actor worker, which also samples (two FSDP ranks: test_one_step_off.py).
+    output = kill_worker_after(out, proc, "actor", rank=0, steps=3)
     assert "restart 1 of 2" in output
     final = rows(out)
     assert [r["step"] for r in final] == list(range(1, 9))

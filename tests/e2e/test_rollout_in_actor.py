@@ -21,7 +21,7 @@ COMPARED = ["reward/mean", "response_length/mean", "actor/pg_loss", "actor/kl", 
 
 def test_in_actor_rollout_runs_the_split_placements_numbers(ray_cluster, tmp_path):
     in_actor_roles, in_actor = run_recipe("grpo", tmp_path / "in_actor", [*SAME, "rollout.placement=in_actor"])
-    split_roles, split = run_recipe("grpo", tmp_path / "split", SAME)
+    split_roles, split = run_recipe("grpo", tmp_path / "split", [*SAME, "rollout.placement=split"])
 
     assert in_actor_roles == {"actor": 1}, "no rollout process starts"
     assert split_roles == {"actor": 1, "rollout": 1}

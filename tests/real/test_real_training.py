@@ -75,7 +75,7 @@ def test_grpo_gsm8k_dynamic_batching_fsdp_then_export(ray_cluster, real_model, g
     out = tmp_path / "run"
     cfg = rlflow.compose_config("grpo", overrides=grpo_overrides(
         real_model, train, out,
-        "actor.num_workers=2",  # FSDP2 over gloo: the chunked LM head under sharding
+        "actor.num_workers=2", "actor.torch_threads=1",  # FSDP2 over gloo: the chunked LM head under sharding
         "actor.use_dynamic_bsz=true", "actor.max_tokens_per_microbatch=256",
         # the reference in workers of its own here; the MATH test keeps it in the actor's
         "ref.in_actor=false", "reward.num_workers=1", "ref.use_dynamic_bsz=true", "ref.max_tokens_per_microbatch=256",

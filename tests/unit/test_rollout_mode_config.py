@@ -6,7 +6,7 @@ import pytest
 
 import rlflow
 from rlflow.errors import ConfigError
-from rlflow.trainer.config_checks import check_config
+from rlflow.trainer.config_checks import check_config, resolve_placement
 
 ONE_STEP_OFF = ("rollout.mode=one_step_off", "rollout.max_weight_staleness=1")
 
@@ -115,7 +115,7 @@ def test_in_actor_placement_passes_with_one_actor_worker():
 
 
 def test_unknown_placement_names_the_key():
-    with pytest.raises(ConfigError, match=r"rollout.placement='inside' is not valid: use one of split, colocated, in_actor"):
+    with pytest.raises(ConfigError, match=r"rollout.placement='inside' is not valid: use one of auto, split, colocated, in_actor"):
         check("rollout.placement=inside")
 
 
@@ -134,3 +134,31 @@ def test_in_actor_placement_names_each_setting_it_cannot_run_with(override, need
 def test_in_actor_placement_excludes_episodes():
     with pytest.raises(ConfigError, match=r"rollout.placement=in_actor needs agent.enable=false"):
         check(*IN_ACTOR, "agent.enable=true", "agent.environment=guess_number")
+
+
+def test_auto_placement_samples_in_the_actor_where_the_run_allows_it():
+    cfg = rlflow.compose_config("grpo")
+    assert cfg.rollout.placement == "auto" and cfg.actor.num_workers == 1
+    resolved = resolve_placement(cfg)
+    assert resolved.rollout.placement == "in_actor"
+    assert cfg.rollout.placement == "auto", "the caller's config is not changed"
+    check_config(resolved)
+
+
+@pytest.mark.parametrize("overrides", [
+    ("actor.num_workers=2",),
+    ("rollout.backend=vllm",),
+    ONE_STEP_OFF,
+    ("actor.lora.rank=8",),
+    ("agent.enable=true", "agent.environment=guess_number"),
+])
+def test_auto_placement_starts_rollout_workers_where_in_actor_cannot_run(overrides):
+    resolved = resolve_placement(rlflow.compose_config("grpo", overrides=list(overrides)))
+    assert resolved.rollout.placement == "split"
+    check_config(resolved)
+
+
+@pytest.mark.parametrize("placement", ["split", "colocated", "in_actor"])
+def test_a_placement_the_user_names_is_kept(placement):
+    cfg = rlflow.compose_config("grpo", overrides=[f"rollout.placement={placement}"])
+    assert resolve_placement(cfg) is cfg
