@@ -46,7 +46,7 @@ from rlflow.workers.rollout.sampling import (
     vllm_sampling_kwargs,
 )
 
-PLACEMENTS = ("split", "colocated")
+PLACEMENTS = ("auto", "split", "colocated")  # auto is split for this backend
 WEIGHT_SYNCS = ("object_store", "nccl")
 
 
