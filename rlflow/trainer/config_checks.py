@@ -224,7 +224,8 @@ def _check_rollout_mode(cfg: DictConfig) -> None:
 
 def _in_actor_unmet(cfg: DictConfig) -> list[str]:
     """What keeps the actor's one worker from sampling with the model it trains: HF
-    ``generate`` on an unsharded model, between two updates, one response per turn."""
+    ``generate`` on an unsharded model, between two updates, one response per turn, and no
+    rollout worker asked for (their number, devices or nodes)."""
     from rlflow.models.lora import lora_enabled
 
     rcfg = cfg.rollout
@@ -234,6 +235,9 @@ def _in_actor_unmet(cfg: DictConfig) -> list[str]:
         "rollout.mode=sync": rcfg.mode == "sync",
         "agent.enable=false": not cfg.agent.enable,
         "actor.lora.rank=0": not lora_enabled(cfg.actor.lora),
+        "rollout.num_workers=1": rcfg.num_workers == 1,
+        "rollout.gpus_per_worker=0": rcfg.gpus_per_worker == 0,
+        "no rollout.custom_resources": not rcfg.custom_resources,
     }
     return [key for key, ok in needs.items() if not ok]
 

@@ -124,6 +124,9 @@ def test_unknown_placement_names_the_key():
     ("rollout.backend=vllm", "rollout.backend=hf"),
     ("rollout.mode=one_step_off", "rollout.mode=sync"),
     ("actor.lora.rank=8", "actor.lora.rank=0"),
+    ("rollout.num_workers=2", "rollout.num_workers=1"),
+    ("rollout.gpus_per_worker=1", "rollout.gpus_per_worker=0"),
+    ("rollout.custom_resources={node_a:1}", "no rollout.custom_resources"),
 ])
 def test_in_actor_placement_names_each_setting_it_cannot_run_with(override, needed):
     extra = ("rollout.max_weight_staleness=1",) if "mode" in override else ()
@@ -151,6 +154,9 @@ def test_auto_placement_samples_in_the_actor_where_the_run_allows_it():
     ONE_STEP_OFF,
     ("actor.lora.rank=8",),
     ("agent.enable=true", "agent.environment=guess_number"),
+    ("rollout.num_workers=2",),
+    ("rollout.gpus_per_worker=1",),
+    ("rollout.custom_resources={node_a:1}",),
 ])
 def test_auto_placement_starts_rollout_workers_where_in_actor_cannot_run(overrides):
     resolved = resolve_placement(rlflow.compose_config("grpo", overrides=list(overrides)))
