@@ -242,8 +242,8 @@ def test_ppo_trainer_trains_only_the_critic_during_warmup(ray_cluster, tmp_path)
     )
     trainer = rlflow.build_trainer(cfg)
     try:
-        # the reference policy is a frozen copy inside the actor's workers (ref.in_actor)
-        assert set(trainer.groups) == {"actor", "critic", "rollout"}
+        # the actor's one worker samples and holds the frozen reference (ref.in_actor)
+        assert set(trainer.groups) == {"actor", "critic"}
         history = [trainer.step() for _ in range(3)]
     finally:
         trainer.close()
