@@ -116,7 +116,7 @@ class RolloutConfig:
     # devices, time-shared: on GPU the vLLM engine sleeps between rollouts). Same on CPU.
     # "in_actor": no rollout workers; the actor's one worker samples with the model it trains
     # (HF backend, actor.num_workers=1, sync mode), so a weight sync moves nothing.
-    # "auto": in_actor where the run allows it, else split (the GRPO demo's choice).
+    # "auto": in_actor where the run allows it, else split (the single-turn demo recipes).
     placement: str = "split"
     # vLLM backend only (rollout.backend=vllm), see docs/vllm.md.
     tensor_parallel_size: int = 1
