@@ -66,7 +66,8 @@ def test_roles_run_on_the_nodes_their_custom_resources_pin(two_nodes, tmp_path):
     out = tmp_path / "run"
     proc = run_cli(cluster, [
         "trainer.total_steps=3", "trainer.progress_bar=false", f"trainer.output_dir={out}",
-        "actor.num_workers=2", "actor.torch_threads=1", "actor.custom_resources={node_head:1}", "ref.in_actor=false", "ref.custom_resources={node_head:1}",
+        "actor.num_workers=2", "actor.torch_threads=1", "actor.custom_resources={node_head:1}",
+        "ref.in_actor=false", "ref.custom_resources={node_head:1}",
         "rollout.custom_resources={node_worker:1}", "reward.num_workers=1", "reward.custom_resources={node_worker:1}",
     ], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
