@@ -106,10 +106,6 @@ class ResourcePool:
             raise ClusterError(f"the resource pool of role {self.name!r} was removed; create a new one")
         return self._pg
 
-    @property
-    def is_ready(self) -> bool:
-        return self._ready
-
     def _need_text(self) -> str:
         parts = []
         for key, amount in self.bundle_resources.items():
